@@ -1,0 +1,43 @@
+"""`simpletuner check`: validate the configuration and datasets without loading any model."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from simpletuner.cli.common import build_help_parser, load_or_report, report_config_errors, setup_logging, wants_help
+from simpletuner.config.errors import ConfigError
+from simpletuner.config.validate import validate_settings
+
+
+def main(argv: list[str]) -> int:
+    if wants_help(argv):
+        build_help_parser("simpletuner check", "Validate a config (and its datasets) without loading a model. "
+                                               "--json prints the resolved configuration.").print_help()
+        return 0
+    as_json = "--json" in argv
+    argv = [a for a in argv if a != "--json"]
+    setup_logging()
+    loaded = load_or_report(argv)
+    if isinstance(loaded, int):
+        return loaded
+    settings = loaded.settings
+    errors = validate_settings(settings)
+    if errors:
+        return report_config_errors(errors)
+    if as_json:
+        print(json.dumps(settings.as_dict(), default=str, sort_keys=True))
+    out = sys.stderr if as_json else sys.stdout
+    print(f"Configuration OK ({loaded.config_path or 'command line only'}).", file=out)
+    return check_datasets(settings, out)
+
+
+def check_datasets(settings, out) -> int:
+    from simpletuner.data.pipeline import describe_datasets
+
+    try:
+        report = describe_datasets(settings)
+    except ConfigError as exc:
+        return report_config_errors([exc])
+    print(report, file=out)
+    return 0

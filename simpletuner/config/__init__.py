@@ -1,0 +1,1 @@
+"""Configuration: the option table, config-file loading and validation."""

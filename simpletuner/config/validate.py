@@ -1,0 +1,110 @@
+"""Cross-option rules, checked before any model is loaded.
+
+``validate_settings`` returns a list of ConfigError; the CLI prints them and
+exits with status 2. Nothing here changes the settings.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from simpletuner.config import hardware
+from simpletuner.config.errors import ConfigError
+from simpletuner.config.option_types import PLANNED
+from simpletuner.config.settings import Settings
+from simpletuner.config.values import describe_kind
+
+# (option a, option b, sentence): both set (truthy) is an error.
+MUTUALLY_EXCLUSIVE = [
+    ("enable_group_offload", "enable_model_cpu_offload", "pick one offloading strategy per run"),
+    ("ramtorch", "enable_group_offload", "RamTorch and group offload both move weights; use one"),
+    ("validation_adapter_path", "validation_adapter_config", "give one adapter path or an adapter config file, not both"),
+]
+
+# (option, required option, sentence): option set without the other is an error.
+REQUIRES = [
+    ("diff2flow_loss", "diff2flow_enabled", "the diff2flow loss only exists when diff2flow is enabled"),
+]
+
+
+def _is_active(settings: Settings, name: str) -> bool:
+    value = getattr(settings, name)
+    return value not in (None, False, "", 0, "none")
+
+
+def required_errors(settings: Settings) -> list[ConfigError]:
+    from simpletuner.config.options import OPTIONS
+
+    errors = []
+    for name, option in OPTIONS.items():
+        if option.required and getattr(settings, name) in (None, ""):
+            allowed = f" ({describe_kind(option)})" if option.choices else ""
+            errors.append(ConfigError(name, f"{name} is required but was not set{allowed}. Add \"{name}\" to your "
+                                            f"config.json or pass --{name}=... on the command line."))
+    return errors
+
+
+def implementation_errors(settings: Settings) -> list[ConfigError]:
+    """Options (or choices) that parse but whose behaviour is not built yet, and hardware-gated choices."""
+    from simpletuner.config.options import OPTIONS
+
+    errors = []
+    for name, value in settings.explicit().items():
+        option = OPTIONS[name]
+        if option.status == PLANNED and value != option.default:
+            errors.append(ConfigError(name, f"{name} is not implemented yet (you set it to {value!r}). "
+                                            f"Remove it from your config to train with the default ({option.default!r})."))
+            continue
+        if value in option.planned_choices:
+            errors.append(ConfigError(name, f"{name}={value} is not implemented yet. Choose another value "
+                                            f"({', '.join(str(c) for c in option.choices if c not in option.planned_choices)})."))
+            continue
+        requirement = option.gated_choices.get(value)
+        if requirement is not None:
+            needs = hardware.unmet(requirement)
+            if needs:
+                errors.append(ConfigError(name, f"{name}={value} needs {needs}, which this machine does not have. "
+                                                "Choose another value or run on hardware that provides it."))
+    return errors
+
+
+def combination_errors(settings: Settings) -> list[ConfigError]:
+    errors = []
+    for first, second, why in MUTUALLY_EXCLUSIVE:
+        if _is_active(settings, first) and _is_active(settings, second):
+            errors.append(ConfigError(first, f"{first} and {second} cannot be used together: {why}. Remove one of them."))
+    for option, needed, why in REQUIRES:
+        if _is_active(settings, option) and not _is_active(settings, needed):
+            errors.append(ConfigError(option, f"{option} is set but {needed} is not: {why}. Set {needed}=true or remove {option}."))
+    if settings.max_train_steps in (None, 0) and settings.num_train_epochs in (None, 0):
+        errors.append(ConfigError("max_train_steps", "Neither max_train_steps nor num_train_epochs is set, so training "
+                                                     "would never end. Set one of them to a positive number."))
+    return errors
+
+
+def family_errors(settings: Settings) -> list[ConfigError]:
+    """The chosen family's own checks (flavour, prediction type, ...)."""
+    if not settings.model_family:
+        return []
+    from simpletuner.models.registry import get_family
+
+    try:
+        family = get_family(settings.model_family, settings)
+    except (KeyError, NotImplementedError) as exc:
+        return [ConfigError("model_family", str(exc.args[0] if exc.args else exc))]
+    return [ConfigError("model_family", message) for message in family.check_settings(settings)]
+
+
+CHECKS: list[Callable[[Settings], list[ConfigError]]] = [
+    required_errors,
+    implementation_errors,
+    combination_errors,
+    family_errors,
+]
+
+
+def validate_settings(settings: Settings) -> list[ConfigError]:
+    errors: list[ConfigError] = []
+    for check in CHECKS:
+        errors.extend(check(settings))
+    return errors

@@ -1,0 +1,1 @@
+"""Datasets: multidatabackend.json, storage, captions, buckets, sampling and batches."""

@@ -1,0 +1,103 @@
+"""The small interface every model family implements.
+
+A family declares its facts as class attributes and implements a handful of
+methods; everything shared (noise, losses, LoRA plumbing, checkpoints) lives
+in training/. Families never mutate the config, print warnings about it or
+exit: ``check_settings`` returns problems and the caller decides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from simpletuner.config.settings import Settings
+from simpletuner.data.types import TrainingBatch
+
+
+@dataclass
+class Components:
+    """Loaded model parts. ``text_encoders``/``tokenizers`` are in slot order (1, 2, ...)."""
+
+    denoiser: torch.nn.Module  # the UNet or transformer that is trained
+    vae: torch.nn.Module | None
+    text_encoders: list[torch.nn.Module] = field(default_factory=list)
+    tokenizers: list[Any] = field(default_factory=list)
+    noise_scheduler: Any = None  # the training scheduler (DDPMScheduler / FlowMatchEulerDiscreteScheduler)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelFamily:
+    # --- facts, declared by each family ---
+    name: ClassVar[str]  # the model_family value, e.g. "sdxl"
+    flavours: ClassVar[dict[str, str]]  # model_flavour -> default hub id or path
+    default_flavour: ClassVar[str]
+    default_prediction_type: ClassVar[str]  # epsilon | v_prediction | sample | flow_matching
+    flow_matching: ClassVar[bool] = False
+    denoiser_subfolder: ClassVar[str] = "unet"  # "unet" or "transformer"
+    default_lora_targets: ClassVar[tuple[str, ...]] = ()
+    pipeline_class: ClassVar[type]  # diffusers text-to-image pipeline
+    img2img_pipeline_class: ClassVar[type | None] = None
+    # Which text encoder slots can be trained (train_text_encoder) and the attribute
+    # names the pipeline uses for them, e.g. ("text_encoder", "text_encoder_2").
+    text_encoder_attributes: ClassVar[tuple[str, ...]] = ()
+    supports_text_encoder_training: ClassVar[bool] = False
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.components: Components | None = None
+
+    # --- identity ---
+    @classmethod
+    def model_path(cls, settings: Settings) -> str:
+        """The base model location: pretrained_model_name_or_path or the flavour's default."""
+        if settings.pretrained_model_name_or_path:
+            return settings.pretrained_model_name_or_path
+        flavour = settings.model_flavour or cls.default_flavour
+        return cls.flavours[flavour]
+
+    def prediction_type(self) -> str:
+        return self.settings.prediction_type or self.default_prediction_type
+
+    def fingerprint(self) -> str:
+        """Identifies what produced cached tensors: changes when the base model, VAE or text encoders change."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_settings(cls, settings: Settings) -> list[str]:
+        """Problems with settings for this family, as messages naming the option and the fix. No I/O."""
+        return []
+
+    # --- loading ---
+    def load(self, device: torch.device, weight_dtype: torch.dtype) -> Components:
+        """Load all parts through from_pretrained (hub id, local folder or single file)."""
+        raise NotImplementedError
+
+    # --- encoders (used by the caches) ---
+    def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Text-encoder outputs for a list of prompts; every tensor has the batch dim first."""
+        raise NotImplementedError
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (B,3,H,W) in [-1, 1] -> latents already multiplied by the VAE's scaling (and shifted)."""
+        raise NotImplementedError
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- training ---
+    def predict(self, batch: TrainingBatch, noisy_latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The denoiser's output for noisy latents at timesteps, conditioned on batch.text and micro-conditioning."""
+        raise NotImplementedError
+
+    # --- inference and saving ---
+    def build_pipeline(self, denoiser: torch.nn.Module | None = None, **overrides):
+        """A diffusers pipeline from loaded components (denoiser replaced when given)."""
+        raise NotImplementedError
+
+    def save_lora(self, output_dir: str, denoiser_lora_state: dict[str, torch.Tensor],
+                  text_encoder_lora_states: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+        """Write pytorch_lora_weights.safetensors that pipeline_class.load_lora_weights accepts."""
+        raise NotImplementedError
