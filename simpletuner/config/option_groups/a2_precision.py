@@ -1,0 +1,138 @@
+"""Weight precision, quantisation, offloading and compile settings: trading speed for memory."""
+
+from simpletuner.config.option_types import PLANNED, opt
+
+GROUP = "Precision and memory"
+
+QUANTISATION_LEVELS = (
+    "no_change", "int8-quanto", "int4-quanto", "int2-quanto", "int8-torchao", "nf4-bnb", "int4-torchao",
+    "fp8-quanto", "fp8uz-quanto", "fp8-torchao",
+)
+# Quanto levels (fp8 included) and int8-torchao run on a CPU; these three do not.
+QUANTISATION_NEEDS = {"nf4-bnb": "bitsandbytes", "int4-torchao": "cuda", "fp8-torchao": "cuda_fp8"}
+
+_TEXT_ENCODER_PRECISION = [
+    opt(f"text_encoder_{index}_precision", "str", "no_change",
+        f"Quantisation applied to text encoder {index} when it is loaded; no_change keeps its weights as they "
+        "are. Frozen encoders usually lose little quality.",
+        choices=QUANTISATION_LEVELS, gated_choices=QUANTISATION_NEEDS, status=PLANNED)
+    for index in range(1, 5)
+]
+
+OPTIONS = [
+    # Quantisation
+    opt("base_model_precision", "str", "no_change",
+        "Quantise the frozen denoiser weights to save memory (quanto, torchao or bitsandbytes backends); "
+        "no_change keeps them at their loaded precision.",
+        choices=QUANTISATION_LEVELS, gated_choices=QUANTISATION_NEEDS, status=PLANNED),
+    *_TEXT_ENCODER_PRECISION,
+    opt("base_model_default_dtype", "str", "bf16",
+        "Precision of the base-model weights that quantisation leaves unquantised.",
+        choices=("bf16", "fp32"), status=PLANNED),
+    opt("quantize_via", "str", "cpu",
+        "Where quantisation happens: on the CPU (slow but light on VRAM), on the accelerator (faster, may run "
+        "out of memory), or inside the diffusers loading pipeline.",
+        choices=("cpu", "accelerator", "pipeline"), status=PLANNED),
+    opt("quantization_config", "str", None,
+        "For quantize_via=pipeline: diffusers quantization_config overrides as inline JSON or a file path, "
+        "keyed by component (unet, transformer, text_encoder or default).", status=PLANNED),
+    opt("vae_dtype", "str", "bf16",
+        "Precision the VAE runs in while encoding and decoding; default keeps the model's own dtype.",
+        choices=("default", "fp32", "fp16", "bf16"), status=PLANNED),
+    # Gradient checkpointing
+    opt("gradient_checkpointing", "bool", False,
+        "Recompute activations during the backward pass instead of keeping them, lowering peak memory at "
+        "the cost of slower steps.", status=PLANNED),
+    opt("gradient_checkpointing_interval", "int", None,
+        "Only checkpoint every Nth block (1 is the same as every block); supported by a few families such as "
+        "SDXL and Flux.", status=PLANNED),
+    opt("gradient_checkpointing_backend", "str", "torch",
+        "How checkpointed activations are handled: recomputed by PyTorch (torch), or copied to CPU memory "
+        "asynchronously (unsloth, CUDA only).",
+        choices=("torch", "unsloth"), gated_choices={"unsloth": "cuda"}, status=PLANNED),
+    # Offloading
+    opt("offload_during_startup", "bool", False,
+        "Park the text encoders on the CPU while the VAE cache is built, so large models fit during startup; "
+        "startup gets slower.", status=PLANNED),
+    opt("offload_during_save", "bool", False,
+        "Move the pipeline to the CPU for the duration of each checkpoint save, to avoid out-of-memory "
+        "errors while quantised weights are serialised.", status=PLANNED),
+    opt("enable_model_cpu_offload", "bool", False,
+        "Keep whole model components on the CPU and move each to the accelerator only while it runs. Cannot "
+        "be combined with enable_group_offload.", status=PLANNED),
+    opt("enable_group_offload", "bool", False,
+        "Stage groups of denoiser blocks on the CPU (or disk) between uses via diffusers group offloading. "
+        "Cannot be combined with enable_model_cpu_offload or ramtorch.", status=PLANNED),
+    opt("group_offload_type", "str", "block_level",
+        "Granularity of group offloading: whole blocks (balanced) or individual leaf layers (least memory, "
+        "most transfers).", choices=("block_level", "leaf_level"), status=PLANNED),
+    opt("group_offload_blocks_per_group", "int", 1,
+        "With block_level offloading, how many blocks move together; more means fewer transfers but more "
+        "memory in use.", status=PLANNED),
+    opt("group_offload_use_stream", "bool", False,
+        "Overlap offload transfers with computation on a separate CUDA stream; other devices fall back to "
+        "plain transfers.", status=PLANNED),
+    opt("group_offload_to_disk_path", "str", None,
+        "Folder where offloaded groups are written instead of being kept in CPU memory; use a fast local "
+        "disk.", status=PLANNED),
+    opt("musubi_blocks_to_swap", "int", 0,
+        "Keep the last N transformer blocks on another device and stream their weights in block by block "
+        "(supported video/image transformers only); 0 turns it off.", status=PLANNED),
+    opt("musubi_block_swap_device", "str", "cpu",
+        "Device that holds the swapped blocks, such as cpu or cuda:1; used only when musubi_blocks_to_swap "
+        "is above 0.", status=PLANNED),
+    # RamTorch
+    opt("ramtorch", "bool", False,
+        "Swap Linear layers for RamTorch versions whose weights live in CPU memory and stream to the GPU "
+        "(CUDA/ROCm only; not with group offloading). Implies set_grads_to_none.", status=PLANNED),
+    opt("ramtorch_target_modules", "str", None,
+        "Comma-separated glob patterns of module or class names to convert with RamTorch; unset converts "
+        "every Linear layer.", status=PLANNED),
+    opt("ramtorch_text_encoder", "bool", False,
+        "Also convert the text encoders' Linear layers to RamTorch.", status=PLANNED),
+    opt("ramtorch_vae", "bool", False,
+        "Experimental: convert the Linear layers of the VAE mid-block to RamTorch; convolutions stay as "
+        "they are.", status=PLANNED),
+    opt("ramtorch_controlnet", "bool", False,
+        "Also convert the ControlNet's Linear layers to RamTorch when one is trained.", status=PLANNED),
+    opt("ramtorch_transformer_percent", "int", 100,
+        "Share (0-100) of the transformer's eligible Linear layers, counted from the start, that RamTorch "
+        "offloads.", status=PLANNED),
+    opt("ramtorch_text_encoder_percent", "int", 100,
+        "Share (0-100) of text-encoder Linear layers offloaded when ramtorch_text_encoder is on.",
+        status=PLANNED),
+    opt("ramtorch_disable_sync_hooks", "bool", False,
+        "Drop the synchronisation hooks placed after RamTorch layers; faster, but outputs may become "
+        "non-deterministic or wrong.", status=PLANNED),
+    opt("ramtorch_disable_extensions", "bool", True,
+        "Limit RamTorch to Linear layers; set false to also offload Embedding, norm and Conv layers.",
+        status=PLANNED),
+    # Attention and other memory switches
+    opt("unet_attention_slice", "bool", False,
+        "Compute UNet attention in slices (UNet families only) to lower peak memory.", status=PLANNED),
+    opt("accelerator_cache_clear_interval", "int", None,
+        "Empty the accelerator's memory cache every N steps to fight fragmentation; unset or 0 never does.",
+        status=PLANNED),
+    opt("fuse_qkv_projections", "bool", False,
+        "Fuse the query/key/value projections of attention into one matmul; pays off with Flash Attention 3 "
+        "on Hopper GPUs and falls back to PyTorch SDPA elsewhere.", status=PLANNED),
+    opt("sla_config", "str", None,
+        "Runtime overrides for the sla attention backend, as JSON or a Python dict literal, e.g. "
+        "{\"topk\": 0.15, \"blkq\": 32}.", status=PLANNED),
+    # torch.compile (TorchDynamo)
+    opt("dynamo_backend", "str", "no",
+        "torch.compile backend for the training model, such as inductor, aot_eager or cudagraphs; no turns "
+        "compilation off. Also read from TRAINING_DYNAMO_BACKEND.", status=PLANNED),
+    opt("dynamo_mode", "str", None,
+        "torch.compile optimisation mode; unset lets the backend choose.",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"), status=PLANNED),
+    opt("dynamo_fullgraph", "bool", False,
+        "Require torch.compile to capture each model as one graph, failing instead of splitting it.",
+        status=PLANNED),
+    opt("dynamo_dynamic", "bool", False,
+        "Compile with dynamic-shape guards so changing input sizes do not trigger recompilation.",
+        status=PLANNED),
+    opt("dynamo_use_regional_compilation", "bool", False,
+        "Compile repeated blocks once and reuse the result, shortening compile time on deep transformers.",
+        status=PLANNED),
+]

@@ -1,0 +1,110 @@
+"""Validation renders during training and evaluation metrics (CLIP score, eval loss)."""
+
+from simpletuner.config.option_types import PLANNED, opt
+
+GROUP = "Validation and evaluation"
+
+VALIDATION_SCHEDULERS = ("ddim", "ddpm", "euler", "euler-a", "unipc", "dpm++", "perflow")
+
+OPTIONS = [
+    # Schedule
+    opt("validation_step_interval", "int", 100,
+        "Render validation samples every N optimiser steps.", aliases=("validation_steps",), status=PLANNED),
+    opt("validation_epoch_interval", "int", None,
+        "Render validation samples every N completed epochs; unset disables epoch-based validation.",
+        status=PLANNED),
+    opt("validation_disable", "bool", False,
+        "Never render validation samples.", status=PLANNED),
+    opt("validation_on_startup", "bool", False,
+        "Render one round of validation samples before the first training step.", status=PLANNED),
+    opt("disable_benchmark", "bool", False,
+        "Skip the step-0 renders of the untouched base model that later validation images are shown "
+        "beside.", status=PLANNED),
+    # Prompts
+    opt("validation_prompt", "str", None,
+        "Prompt rendered at each validation; unset renders no prompt-based samples.", status=PLANNED),
+    opt("validation_negative_prompt", "str", "blurry, cropped, ugly",
+        "Negative prompt for validation renders; an empty string uses none.", status=PLANNED),
+    opt("validation_prompt_library", "bool", False,
+        "Also render the trainer's built-in set of varied prompts at each validation.", status=PLANNED),
+    opt("user_prompt_library", "str", None,
+        "Path to a JSON file mapping short names to extra validation prompts.", status=PLANNED),
+    opt("num_validation_images", "int", 1,
+        "Images rendered per prompt at each validation.", status=PLANNED),
+    opt("validation_disable_unconditional", "bool", False,
+        "Skip the extra render with an empty prompt at each validation.", status=PLANNED),
+    # Sampling settings
+    opt("validation_resolution", "str", "256",
+        "Size of validation renders: a pixel edge (1024), megapixels (1.0), or WIDTHxHEIGHT (1216x832); "
+        "separate several with commas.", status=PLANNED),
+    opt("validation_num_inference_steps", "int", 30,
+        "Sampling steps per validation render.", status=PLANNED),
+    opt("validation_guidance", "float", 7.5,
+        "Classifier-free guidance scale (or Flux's guidance value) for validation renders.", status=PLANNED),
+    opt("validation_guidance_real", "float", 1.0,
+        "True classifier-free guidance for guidance-distilled models such as Flux; 1.0 leaves it off.",
+        status=PLANNED),
+    opt("validation_no_cfg_until_timestep", "int", 2,
+        "Flux with real guidance: skip classifier-free guidance for this many initial sampling steps.",
+        status=PLANNED),
+    opt("validation_guidance_rescale", "float", 0.0,
+        "Guidance rescale factor against over-saturation at high guidance (0 leaves it off, ~0.7 is typical).",
+        status=PLANNED),
+    opt("validation_guidance_skip_layers", "str", None,
+        "JSON list of transformer block indices to skip for skip-layer guidance, e.g. [7, 8, 9] "
+        "(SD3, Wan and similar).", status=PLANNED),
+    opt("validation_guidance_skip_layers_start", "float", 0.01,
+        "Fraction of the sampling schedule at which skip-layer guidance starts.", status=PLANNED),
+    opt("validation_guidance_skip_layers_stop", "float", 0.2,
+        "Fraction of the sampling schedule at which skip-layer guidance stops.", status=PLANNED),
+    opt("validation_guidance_skip_scale", "float", 2.8,
+        "Strength of skip-layer guidance; raise it when more layers are skipped.", status=PLANNED),
+    opt("validation_noise_scheduler", "str", None,
+        "Sampler used for validation renders; unset uses the family's default.",
+        choices=VALIDATION_SCHEDULERS, status=PLANNED),
+    opt("validation_lycoris_strength", "float", 1.0,
+        "Multiplier on the LyCORIS adapter's effect during validation renders.", status=PLANNED),
+    opt("validation_num_video_frames", "int", None,
+        "Frames rendered per validation video; unset uses the family's default.", status=PLANNED),
+    opt("validation_audio_only", "bool", False,
+        "For audio-video models, render only the audio track at validation.", status=PLANNED),
+    opt("validation_torch_compile", "bool", False,
+        "Compile the validation pipeline's denoiser with torch.compile to speed up repeated renders.",
+        status=PLANNED),
+    # Seeds
+    opt("validation_seed", "int", None,
+        "Seed reused for every validation render so rounds are comparable; unset falls back to seed.",
+        status=PLANNED),
+    opt("validation_randomize", "bool", False,
+        "Use a new random seed at every validation instead of validation_seed.", status=PLANNED),
+    opt("validation_seed_source", "str", "cpu",
+        "Device whose random generator produces the validation noise; cpu gives the same images on any "
+        "hardware.", choices=("cpu", "gpu"), status=PLANNED),
+    # Dataset-driven validation
+    opt("validation_using_datasets", "bool", False,
+        "Validate image-to-image (or image-to-video) from training-set images instead of from text alone.",
+        status=PLANNED),
+    opt("eval_dataset_id", "str", None,
+        "Id of the dataset that supplies validation inputs and evaluation images; unset draws from all "
+        "datasets.", status=PLANNED),
+    opt("validation_stitch_input_location", "str", "left",
+        "Side on which the input image is placed next to img2img validation results.",
+        choices=("left", "right"), status=PLANNED),
+    # Evaluation metrics
+    opt("evaluation_type", "str", "none",
+        "Metric computed on validation renders: none, or CLIP score against the prompt.",
+        choices=("none", "clip"), status=PLANNED),
+    opt("pretrained_evaluation_model_name_or_path", "str", "openai/clip-vit-large-patch14-336",
+        "Model used to score renders when evaluation_type is clip.", status=PLANNED),
+    opt("num_eval_images", "int", 4,
+        "Images rendered for each evaluation round.", status=PLANNED),
+    opt("eval_steps_interval", "int", None,
+        "Run evaluation every N optimiser steps; unset disables step-based evaluation.", status=PLANNED),
+    opt("eval_epoch_interval", "float", None,
+        "Run evaluation every N epochs; fractions such as 0.5 run it several times per epoch.",
+        status=PLANNED),
+    opt("eval_timesteps", "int", 28,
+        "Number of timesteps at which evaluation loss is measured.", status=PLANNED),
+    opt("eval_dataset_pooling", "bool", False,
+        "Report evaluation results of all eval datasets as one combined chart.", status=PLANNED),
+]
