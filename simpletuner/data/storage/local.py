@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 from typing import Iterable
 
 
@@ -43,6 +46,7 @@ class LocalStorage:
         try:
             with os.fdopen(handle, "wb") as out:
                 out.write(data)
+            os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp makes files private; caches are ordinary files
             os.replace(temp, target)
         except BaseException:
             if os.path.exists(temp):
