@@ -98,6 +98,11 @@ class ModelFamily:
         raise NotImplementedError
 
     def save_lora(self, output_dir: str, denoiser_lora_state: dict[str, torch.Tensor],
-                  text_encoder_lora_states: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
-        """Write pytorch_lora_weights.safetensors that pipeline_class.load_lora_weights accepts."""
+                  text_encoder_lora_states: dict[str, dict[str, torch.Tensor]] | None = None,
+                  adapter_metadata: dict[str, dict] | None = None) -> None:
+        """Write pytorch_lora_weights.safetensors that pipeline_class.load_lora_weights accepts.
+
+        adapter_metadata maps "unet"/"transformer" (or a text encoder attribute) to its LoraConfig dict,
+        so loaders apply the trained lora_alpha rather than assuming alpha == rank.
+        """
         raise NotImplementedError

@@ -1,0 +1,1 @@
+"""Model families (one module each), their registry and tiny random-weight builders."""
