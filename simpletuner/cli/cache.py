@@ -20,11 +20,25 @@ def main(argv: list[str]) -> int:
     errors = validate_settings(settings)
     if errors:
         return report_config_errors(errors)
-    from simpletuner.data.pipeline import build_caches
-
     try:
         report = build_caches(settings)
     except ConfigError as exc:
         return report_config_errors([exc])
     print(report)
     return 0
+
+
+def build_caches(settings) -> str:
+    """Load the family's encoders, encode everything missing, and describe the result."""
+    import torch
+
+    from simpletuner.data.pipeline import prepare_data
+    from simpletuner.models.registry import get_family
+    from simpletuner.training.accelerator import weight_dtype_for
+
+    family = get_family(settings.model_family, settings)(settings)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    family.load(device, weight_dtype_for(settings))
+    pipeline = prepare_data(settings, family=family)
+    pipeline.close()
+    return pipeline.report()

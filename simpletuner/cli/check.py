@@ -33,10 +33,10 @@ def main(argv: list[str]) -> int:
 
 
 def check_datasets(settings, out) -> int:
-    from simpletuner.data.pipeline import describe_datasets
+    from simpletuner.data.pipeline import prepare_data
 
     try:
-        report = describe_datasets(settings)
+        report = prepare_data(settings, progress=False).report()
     except ConfigError as exc:
         return report_config_errors([exc])
     print(report, file=out)

@@ -31,7 +31,8 @@ def project(tmp_path, monkeypatch):
 
 
 BASE = {"model_family": "sdxl", "model_type": "lora", "output_dir": "out", "optimizer": "adamw_bf16",
-        "data_backend_config": "config/multidatabackend.json", "max_train_steps": 10, "learning_rate": 1e-4}
+        "data_backend_config": "config/multidatabackend.json", "max_train_steps": 10, "learning_rate": 1e-4,
+        "train_batch_size": 1}
 
 
 def resolved(capsys, *argv) -> dict:

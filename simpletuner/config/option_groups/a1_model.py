@@ -1,6 +1,6 @@
 """Which model is trained and where its parts come from: family, flavour, paths, control branches."""
 
-from simpletuner.config.option_types import PLANNED, opt
+from simpletuner.config.option_types import BUILT, PLANNED, opt
 
 GROUP = "Model"
 
@@ -13,18 +13,18 @@ MODEL_FAMILIES = (
 OPTIONS = [
     opt("model_family", "str", None,
         "The architecture being fine-tuned. It decides which loaders, text encoders and noise schedule are used.",
-        choices=MODEL_FAMILIES, required=True, status=PLANNED),
+        choices=MODEL_FAMILIES, required=True, status=BUILT),
     opt("model_flavour", "str", None,
         "A named variant inside the chosen family (for example a dev or schnell release); it picks the default "
-        "checkpoint when pretrained_model_name_or_path is not given.", status=PLANNED),
+        "checkpoint when pretrained_model_name_or_path is not given.", status=BUILT),
     opt("model_type", "str", "lora",
         "Train a small adapter on top of frozen weights (lora) or update every weight of the model (full).",
-        choices=("full", "lora"), required=True, status=PLANNED),
+        choices=("full", "lora"), required=True, status=BUILT),
     opt("pretrained_model_name_or_path", "str", None,
         "Hugging Face repository id or local folder of the base model; some families also take a single "
-        ".safetensors file. Unset uses the flavour's default checkpoint.", status=PLANNED),
+        ".safetensors file. Unset uses the flavour's default checkpoint.", status=BUILT),
     opt("pretrained_vae_model_name_or_path", "str", None,
-        "Load the VAE from this repository or folder instead of from the base model.", status=PLANNED),
+        "Load the VAE from this repository or folder instead of from the base model.", status=BUILT),
     opt("pretrained_transformer_model_name_or_path", "str", None,
         "Load the transformer (denoiser) from this repository or folder instead of from the base model.",
         status=PLANNED),
@@ -33,10 +33,10 @@ OPTIONS = [
         "level.", status=PLANNED),
     opt("pretrained_unet_model_name_or_path", "str", None,
         "Load the UNet (denoiser) from this repository or folder instead of from the base model.",
-        status=PLANNED),
+        status=BUILT),
     opt("pretrained_unet_subfolder", "str", "unet",
         "Folder inside the UNet source that holds its weights; 'none' means the weights sit at the top level.",
-        status=PLANNED),
+        status=BUILT),
     opt("pretrained_t5_model_name_or_path", "str", None,
         "Take the T5 text encoder from this repository or folder, so one local copy can be shared between "
         "base models.", status=PLANNED),
@@ -44,13 +44,13 @@ OPTIONS = [
         "Take the Gemma text encoder (Sana, Lumina2 and similar) from this repository or folder instead of the "
         "base model.", status=PLANNED),
     opt("revision", "str", None,
-        "Git branch, tag or commit of the Hugging Face repository to download.", status=PLANNED),
+        "Git branch, tag or commit of the Hugging Face repository to download.", status=BUILT),
     opt("variant", "str", None,
-        "Weight-file variant to load from the repository, such as fp16 or bf16.", status=PLANNED),
+        "Weight-file variant to load from the repository, such as fp16 or bf16.", status=BUILT),
     opt("prediction_type", "str", None,
         "What the denoiser is trained to output. Unset uses the family's own objective; changing it is only "
         "for models that were re-trained with another one.",
-        choices=("epsilon", "v_prediction", "sample", "flow_matching"), status=PLANNED),
+        choices=("epsilon", "v_prediction", "sample", "flow_matching"), status=BUILT),
     opt("custom_text_encoder_intermediary_layers", "str", None,
         "FLUX.2 only, experimental: JSON array of three text-encoder hidden-state indices to use, e.g. "
         "[10, 20, 30]. Changing it invalidates cached text embeds.", status=PLANNED),

@@ -1,6 +1,6 @@
 """Weight precision, quantisation, offloading and compile settings: trading speed for memory."""
 
-from simpletuner.config.option_types import PLANNED, opt
+from simpletuner.config.option_types import BUILT, PLANNED, opt
 
 GROUP = "Precision and memory"
 
@@ -38,11 +38,11 @@ OPTIONS = [
         "keyed by component (unet, transformer, text_encoder or default).", status=PLANNED),
     opt("vae_dtype", "str", "bf16",
         "Precision the VAE runs in while encoding and decoding; default keeps the model's own dtype.",
-        choices=("default", "fp32", "fp16", "bf16"), status=PLANNED),
+        choices=("default", "fp32", "fp16", "bf16"), status=BUILT),
     # Gradient checkpointing
     opt("gradient_checkpointing", "bool", False,
         "Recompute activations during the backward pass instead of keeping them, lowering peak memory at "
-        "the cost of slower steps.", status=PLANNED),
+        "the cost of slower steps.", status=BUILT),
     opt("gradient_checkpointing_interval", "int", None,
         "Only checkpoint every Nth block (1 is the same as every block); supported by a few families such as "
         "SDXL and Flux.", status=PLANNED),

@@ -1,6 +1,6 @@
 """The training run itself: length, batch, learning rate, optimiser, EMA, timestep schedule, rollouts."""
 
-from simpletuner.config.option_types import PLANNED, opt
+from simpletuner.config.option_types import BUILT, PLANNED, opt
 
 GROUP = "Training"
 
@@ -15,14 +15,14 @@ LR_SCHEDULERS = ("linear", "sine", "cosine", "cosine_with_restarts", "polynomial
 OPTIONS = [
     # Run layout
     opt("output_dir", "str", None,
-        "Folder that receives checkpoints and the final model or adapter.", required=True, status=PLANNED),
+        "Folder that receives checkpoints and the final model or adapter.", required=True, status=BUILT),
     opt("logging_dir", "str", "logs",
-        "Folder for TensorBoard event files and other tracker logs.", status=PLANNED),
+        "Folder for TensorBoard event files and other tracker logs.", status=BUILT),
     opt("seed", "int", None,
-        "Random seed for a reproducible run; unset picks a fresh one each launch.", status=PLANNED),
+        "Random seed for a reproducible run; unset picks a fresh one each launch.", status=BUILT),
     opt("resume_from_checkpoint", "str", "latest",
         "Checkpoint to continue from: 'latest' (the newest complete one in output_dir, or a fresh start if "
-        "there is none), a checkpoint name or path, or an s3:// URI.", status=PLANNED),
+        "there is none), a checkpoint name or path, or an s3:// URI.", status=BUILT),
     opt("num_processes", "int", 1,
         "Number of training processes (usually one per GPU); also read from TRAINING_NUM_PROCESSES.",
         status=PLANNED),
@@ -35,59 +35,59 @@ OPTIONS = [
     # Length and batch
     opt("num_train_epochs", "int", 1,
         "How many passes over the dataset to train for; 0 lets max_train_steps decide the length.",
-        status=PLANNED),
+        status=BUILT),
     opt("max_train_steps", "int", None,
         "Stop after this many optimiser steps; unset or 0 lets num_train_epochs decide the length.",
-        status=PLANNED),
+        status=BUILT),
     opt("train_batch_size", "int", 4,
-        "Samples per forward/backward pass on each device.", status=PLANNED),
+        "Samples per forward/backward pass on each device.", status=BUILT),
     opt("gradient_accumulation_steps", "int", 1,
         "Sum gradients over this many batches before each optimiser step, for a larger effective batch "
-        "without more memory.", status=PLANNED),
+        "without more memory.", status=BUILT),
     # Learning rate and optimiser
     opt("learning_rate", "float", 4e-7,
         "Peak learning rate reached after warmup. Full fine-tunes typically use 1e-7 to 1e-6, LoRA 1e-5 to "
-        "1e-3.", status=PLANNED),
+        "1e-3.", status=BUILT),
     opt("optimizer", "str", None,
-        "Optimiser used to update the trained weights.", choices=OPTIMIZERS, required=True, status=PLANNED),
+        "Optimiser used to update the trained weights.", choices=OPTIMIZERS, required=True, status=BUILT),
     opt("optimizer_config", "str", None,
         "Extra optimiser settings as comma-separated key=value pairs, e.g. d_coef=0.1 for prodigy.",
-        status=PLANNED),
+        status=BUILT),
     opt("lr_scheduler", "str", "cosine",
-        "Shape of the learning-rate curve over the run.", choices=LR_SCHEDULERS, status=PLANNED),
+        "Shape of the learning-rate curve over the run.", choices=LR_SCHEDULERS, status=BUILT),
     opt("lr_warmup_steps", "int", 0,
-        "Steps over which the learning rate climbs from zero to learning_rate.", status=PLANNED),
+        "Steps over which the learning rate climbs from zero to learning_rate.", status=BUILT),
     opt("lr_num_cycles", "int", 1,
-        "Number of restarts for the cosine_with_restarts schedule.", status=PLANNED),
+        "Number of restarts for the cosine_with_restarts schedule.", status=BUILT),
     opt("lr_power", "float", 0.8,
-        "Exponent of the polynomial schedule's decay (1.0 decays linearly).", status=PLANNED),
+        "Exponent of the polynomial schedule's decay (1.0 decays linearly).", status=BUILT),
     opt("train_text_encoder", "bool", False,
         "Also update the text encoder's weights (mainly useful for SD 1.x/2.x).", status=PLANNED),
     opt("text_encoder_lr", "float", None,
         "Learning rate for the text encoder when it is trained; unset reuses learning_rate.", status=PLANNED),
     opt("checkpoints_total_limit", "int", 5,
         "Keep at most this many checkpoints in output_dir, deleting the oldest; 0 or unset keeps all.",
-        status=PLANNED),
+        status=BUILT),
     opt("use_soft_min_snr", "bool", False,
         "Weight the loss with a smooth soft-min-SNR curve instead of a hard clamp; close to required for "
-        "pixel-space models such as DeepFloyd.", status=PLANNED),
+        "pixel-space models such as DeepFloyd.", status=BUILT),
     # EMA
     opt("use_ema", "bool", False,
         "Keep an exponential moving average of the trained weights alongside them, for steadier results at "
-        "some memory and time cost.", status=PLANNED),
+        "some memory and time cost.", status=BUILT),
     opt("ema_device", "str", "cpu",
         "Where the EMA copy lives between updates: on the accelerator (fast, uses VRAM) or on the CPU.",
-        choices=("accelerator", "cpu"), status=PLANNED),
+        choices=("accelerator", "cpu"), status=BUILT),
     opt("ema_cpu_only", "bool", False,
         "With ema_device=cpu, update the EMA on the CPU too instead of moving it to the accelerator for "
-        "each update.", status=PLANNED),
+        "each update.", status=BUILT),
     opt("ema_update_interval", "int", 1,
-        "Update the EMA only every N optimiser steps.", status=PLANNED),
+        "Update the EMA only every N optimiser steps.", status=BUILT),
     opt("ema_foreach_disable", "bool", False,
         "Update the EMA tensor by tensor instead of with torch._foreach kernels, for backends that mishandle "
-        "them.", status=PLANNED),
+        "them.", status=BUILT),
     opt("ema_decay", "float", 0.995,
-        "EMA smoothing factor; values nearer 1.0 follow the trained weights more slowly.", status=PLANNED),
+        "EMA smoothing factor; values nearer 1.0 follow the trained weights more slowly.", status=BUILT),
     # Flow-matching timestep sampling
     opt("flow_sigmoid_scale", "float", 1.0,
         "Scale of the sigmoid (logit-normal) distribution used to draw flow-matching timesteps.",

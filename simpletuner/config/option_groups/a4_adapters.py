@@ -1,6 +1,6 @@
 """LoRA, LyCORIS and related adapter settings (used when model_type is lora)."""
 
-from simpletuner.config.option_types import PLANNED, opt
+from simpletuner.config.option_types import BUILT, PLANNED, opt
 
 GROUP = "LoRA and adapters"
 
@@ -12,25 +12,25 @@ FLUX_LORA_TARGETS = (
 OPTIONS = [
     opt("lora_type", "str", "standard",
         "Adapter implementation: PEFT LoRA (standard) or a LyCORIS network described by lycoris_config.",
-        choices=("standard", "lycoris"), status=PLANNED),
+        choices=("standard", "lycoris"), status=BUILT, planned_choices=("lycoris",)),
     opt("lora_rank", "int", 16,
         "Inner dimension of the LoRA matrices; higher ranks learn more and make larger files.",
-        status=PLANNED),
+        status=BUILT),
     opt("lora_alpha", "float", None,
         "LoRA scaling numerator (the update is scaled by alpha / rank); unset uses the rank, i.e. a scale "
-        "of 1.", status=PLANNED),
+        "of 1.", status=BUILT),
     opt("lora_dropout", "float", 0.1,
         "Dropout probability applied inside the LoRA layers during training, to curb overfitting.",
-        status=PLANNED),
+        status=BUILT),
     opt("lora_init_type", "str", "default",
         "How the LoRA weights are initialised before training.",
-        choices=("default", "gaussian", "loftq", "olora", "pissa"), status=PLANNED),
+        choices=("default", "gaussian", "loftq", "olora", "pissa"), status=BUILT),
     opt("lora_format", "str", "diffusers",
         "Key layout of saved LoRA files: diffusers/PEFT names, or ComfyUI-style diffusion_model.* keys with "
         "alpha tensors.", choices=("diffusers", "comfyui"), status=PLANNED),
     opt("use_dora", "bool", False,
         "Train weight-decomposed LoRA (DoRA), which learns a separate magnitude per output; slower.",
-        status=PLANNED),
+        status=BUILT),
     opt("peft_lora_mode", "str", "standard",
         "PEFT LoRA variant: the usual two-matrix form or SingLoRA's single symmetric matrix.",
         choices=("standard", "singlora"), status=PLANNED),
@@ -39,7 +39,7 @@ OPTIONS = [
         status=PLANNED),
     opt("peft_lora_target_modules", "str", None,
         "JSON array of module names for PEFT LoRA to wrap (or a path to a JSON file holding one), e.g. "
-        '["to_q", "to_k"]. Replaces the family\'s preset targets.', status=PLANNED),
+        '["to_q", "to_k"]. Replaces the family\'s preset targets.', status=BUILT),
     opt("flux_lora_target", "str", "all",
         "Flux only: which group of layers the LoRA wraps, from attention-only presets up to feed-forward "
         "and embedder layers.", choices=FLUX_LORA_TARGETS, status=PLANNED),

@@ -1,38 +1,38 @@
 """Global dataset defaults and the VAE-latent cache; per-dataset settings live in the dataloader config."""
 
-from simpletuner.config.option_types import PLANNED, opt
+from simpletuner.config.option_types import BUILT, PLANNED, opt
 
 GROUP = "Data and caching"
 
 OPTIONS = [
     opt("data_backend_config", "str", None,
         "Path to the dataloader JSON (multidatabackend.json) that lists the datasets to train on.",
-        required=True, status=PLANNED),
+        required=True, status=BUILT),
     opt("resolution", "float", 1024.0,
         "Training size for datasets that do not set their own: a pixel edge such as 1024, or megapixels "
-        "such as 1.0 with resolution_type=area.", status=PLANNED),
+        "such as 1.0 with resolution_type=area.", status=BUILT),
     opt("resolution_type", "str", "pixel_area",
         "How resolution is read: pixel sizes the shorter edge; pixel_area turns a pixel edge into the "
         "matching area for aspect buckets; area (deprecated) takes megapixels.",
-        choices=("pixel", "area", "pixel_area"), status=PLANNED),
+        choices=("pixel", "area", "pixel_area"), status=BUILT),
     opt("aspect_bucket_rounding", "int", 2,
         "Decimal places aspect ratios are rounded to when sorting images into buckets; fewer places group "
-        "more images together.", choices=tuple(range(1, 10)), status=PLANNED),
+        "more images together.", choices=tuple(range(1, 10)), status=BUILT),
     # Captions
     opt("caption_strategy", "str", "filename",
         "Default caption source for datasets that do not choose one: cleaned-up file name, a matching .txt "
         "file, the instance prompt, or a parquet column.",
-        choices=("filename", "textfile", "instance_prompt", "parquet"), status=PLANNED),
+        choices=("filename", "textfile", "instance_prompt", "parquet"), status=BUILT),
     opt("instance_prompt", "str", None,
         "Caption used for every image of a dataset captioned by instance prompt that does not set its own.",
-        status=PLANNED),
+        status=BUILT),
     opt("parquet_caption_column", "str", None,
-        "Parquet column holding captions; unset means the column named caption.", status=PLANNED),
+        "Parquet column holding captions; unset means the column named caption.", status=BUILT),
     opt("parquet_filename_column", "str", None,
-        "Parquet column holding the image file names or paths.", status=PLANNED),
+        "Parquet column holding the image file names or paths.", status=BUILT),
     opt("caption_dropout_probability", "float", None,
         "Chance (0-1) that a sample's caption is replaced by the empty caption, which also drops SDXL size "
-        "conditioning; unset or 0 never drops captions.", status=PLANNED),
+        "conditioning; unset or 0 never drops captions.", status=BUILT),
     opt("tokenizer_max_length", "int", None,
         "Advanced: override how many tokens the text encoders receive; unset keeps each family's "
         "length.", status=PLANNED),
@@ -44,15 +44,15 @@ OPTIONS = [
         "them from the buckets.", status=PLANNED),
     # VAE latent cache
     opt("vae_batch_size", "int", 4,
-        "Images encoded per VAE call while building the latent cache.", status=PLANNED),
+        "Images encoded per VAE call while building the latent cache.", status=BUILT),
     opt("vae_cache_ondemand", "bool", False,
-        "Encode latents during training when a batch needs them rather than all up front.", status=PLANNED),
+        "Encode latents during training when a batch needs them rather than all up front.", status=BUILT),
     opt("vae_cache_disable", "bool", False,
-        "Never write latents to disk; implies vae_cache_ondemand.", status=PLANNED),
+        "Never write latents to disk; implies vae_cache_ondemand.", status=BUILT),
     opt("vae_cache_scan_behaviour", "str", "recreate",
         "What a scan_for_errors pass does with a cached latent that disagrees with its bucket: delete it so "
         "it is rebuilt (recreate), or update the bucket to match it (sync).",
-        choices=("recreate", "sync"), status=PLANNED),
+        choices=("recreate", "sync"), status=BUILT),
     opt("vae_enable_slicing", "bool", False,
         "Let the VAE process a batch one image at a time to lower peak memory.", status=PLANNED),
     opt("vae_enable_tiling", "bool", False,

@@ -1,6 +1,6 @@
 """Noise, timestep sampling, loss shaping and auxiliary regularisers (CREPA, LayerSync, distillation)."""
 
-from simpletuner.config.option_types import PLANNED, opt
+from simpletuner.config.option_types import BUILT, PLANNED, opt
 
 GROUP = "Noise, timesteps and loss"
 
@@ -8,61 +8,61 @@ OPTIONS = [
     # Noise
     opt("offset_noise", "bool", False,
         "Turn on offset-noise training, which adds a per-channel constant to the noise (see noise_offset).",
-        status=PLANNED),
+        status=BUILT),
     opt("noise_offset", "float", 0.1,
-        "Strength of the per-channel offset added to the noise when offset_noise is on.", status=PLANNED),
+        "Strength of the per-channel offset added to the noise when offset_noise is on.", status=BUILT),
     opt("noise_offset_probability", "float", 0.25,
-        "Chance (0-1) that a given batch gets the noise offset.", status=PLANNED),
+        "Chance (0-1) that a given batch gets the noise offset.", status=BUILT),
     opt("input_perturbation", "float", 0.0,
         "Extra noise (0 = off) mixed only into the model's noisy input, not into the target it is "
-        "trained against.", status=PLANNED),
+        "trained against.", status=BUILT),
     opt("input_perturbation_steps", "int", 0,
         "Fade input_perturbation linearly to zero over this many steps; 0 keeps it for the whole run.",
-        status=PLANNED),
+        status=BUILT),
     opt("rescale_betas_zero_snr", "bool", False,
         "Rescale the DDPM beta schedule so the last timestep has zero signal (zero terminal SNR).",
-        status=PLANNED),
+        status=BUILT),
     # Timesteps
     opt("timestep_bias_strategy", "str", "none",
         "Skew timestep sampling towards early (low-noise), late (high-noise) steps or a chosen range; "
         "none samples evenly.",
-        choices=("earlier", "later", "range", "none"), status=PLANNED),
+        choices=("earlier", "later", "range", "none"), status=BUILT),
     opt("timestep_bias_begin", "int", 0,
-        "First timestep of the favoured window when timestep_bias_strategy is range.", status=PLANNED),
+        "First timestep of the favoured window when timestep_bias_strategy is range.", status=BUILT),
     opt("timestep_bias_end", "int", 1000,
-        "Last timestep of the favoured window when timestep_bias_strategy is range.", status=PLANNED),
+        "Last timestep of the favoured window when timestep_bias_strategy is range.", status=BUILT),
     opt("timestep_bias_multiplier", "float", 1.0,
-        "How much more likely the favoured timesteps are than the rest (1.0 = no bias).", status=PLANNED),
+        "How much more likely the favoured timesteps are than the rest (1.0 = no bias).", status=BUILT),
     opt("timestep_bias_portion", "float", 0.25,
         "Share (0-1) of the schedule that counts as favoured for the earlier and later strategies.",
-        status=PLANNED),
+        status=BUILT),
     opt("disable_segmented_timestep_sampling", "bool", False,
         "Draw each sample's timestep independently instead of splitting the range into one segment per "
-        "batch item.", status=PLANNED),
+        "batch item.", status=BUILT),
     opt("training_scheduler_timestep_spacing", "str", "trailing",
         "How the training noise scheduler spaces its timesteps.",
-        choices=("leading", "linspace", "trailing"), status=PLANNED),
+        choices=("leading", "linspace", "trailing"), status=BUILT),
     opt("inference_scheduler_timestep_spacing", "str", "trailing",
         "How the validation (inference) scheduler spaces its timesteps.",
-        choices=("leading", "linspace", "trailing"), status=PLANNED),
+        choices=("leading", "linspace", "trailing"), status=BUILT),
     # Loss
     opt("loss_type", "str", "l2",
         "Per-element loss between prediction and target: squared error, Huber, or smooth L1.",
-        choices=("l2", "huber", "smooth_l1"), status=PLANNED),
+        choices=("l2", "huber", "smooth_l1"), status=BUILT),
     opt("huber_schedule", "str", "snr",
         "How the Huber threshold changes across timesteps: follow the SNR, decay exponentially, or stay "
         "fixed at huber_c.",
-        choices=("snr", "exponential", "constant"), status=PLANNED),
+        choices=("snr", "exponential", "constant"), status=BUILT),
     opt("huber_c", "float", 0.1,
-        "Point where Huber loss switches from quadratic to linear behaviour.", status=PLANNED),
+        "Point where Huber loss switches from quadratic to linear behaviour.", status=BUILT),
     opt("snr_gamma", "float", None,
         "Min-SNR loss weighting gamma; 5 is the usual choice, lower is stronger. Unset or 0 disables it.",
-        status=PLANNED),
+        status=BUILT),
     opt("snr_weight", "float", 1.0,
         "Overall multiplier applied to the SNR-based loss weights.", status=PLANNED),
     opt("soft_min_snr_sigma_data", "float", None,
         "Expected standard deviation of the training data used by soft min-SNR weighting; needed when "
-        "use_soft_min_snr is on.", status=PLANNED),
+        "use_soft_min_snr is on.", status=BUILT),
     opt("masked_loss_probability", "float", 1.0,
         "Chance (0-1) that a batch with masks uses them to weight the loss.", status=PLANNED),
     # Distillation

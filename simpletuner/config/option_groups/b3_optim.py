@@ -1,6 +1,6 @@
 """Optimizer tuning, numeric precision, attention backends, freezing and process-level settings."""
 
-from simpletuner.config.option_types import PLANNED, opt
+from simpletuner.config.option_types import BUILT, PLANNED, opt
 
 GROUP = "Optimizer and precision"
 
@@ -34,7 +34,7 @@ OPTIONS = [
     # Precision and kernels
     opt("mixed_precision", "str", "bf16",
         "Number format used for the forward and backward computation; no keeps full fp32.",
-        choices=("no", "fp16", "bf16", "fp8"), gated_choices={"fp8": "cuda_fp8"}, status=PLANNED),
+        choices=("no", "fp16", "bf16", "fp8"), gated_choices={"fp8": "cuda_fp8"}, status=BUILT),
     opt("attention_mechanism", "str", "diffusers",
         "Attention kernel to use. diffusers is PyTorch's standard SDPA; the others select vendor or "
         "package kernels and some need particular GPUs or packages.",
@@ -45,7 +45,7 @@ OPTIONS = [
         choices=("training", "inference", "training+inference"), status=PLANNED),
     opt("disable_tf32", "bool", False,
         "Keep fp32 matrix maths in full IEEE precision instead of allowing TF32 on GPUs that support it.",
-        status=PLANNED),
+        status=BUILT),
     opt("gradient_precision", "str", "unmodified",
         "Keep gradients in the training dtype, or accumulate them in fp32.",
         choices=("unmodified", "fp32"), status=PLANNED),
@@ -54,30 +54,30 @@ OPTIONS = [
         status=PLANNED),
     # Optimizer hyper-parameters
     opt("adam_beta1", "float", 0.9, "First-moment (momentum) decay for Adam-style optimizers.",
-        status=PLANNED),
+        status=BUILT),
     opt("adam_beta2", "float", 0.999, "Second-moment (variance) decay for Adam-style optimizers.",
-        status=PLANNED),
+        status=BUILT),
     opt("optimizer_beta1", "float", None,
         "First beta for any optimizer that takes betas; overrides the optimizer's own default.",
-        status=PLANNED),
+        status=BUILT),
     opt("optimizer_beta2", "float", None,
         "Second beta for any optimizer that takes betas; overrides the optimizer's own default.",
-        status=PLANNED),
-    opt("adam_weight_decay", "float", 1e-2, "Weight decay for Adam-family optimizers.", status=PLANNED),
+        status=BUILT),
+    opt("adam_weight_decay", "float", 1e-2, "Weight decay for Adam-family optimizers.", status=BUILT),
     opt("adam_epsilon", "float", 1e-8,
-        "Small constant in the Adam denominator that keeps updates finite.", status=PLANNED),
+        "Small constant in the Adam denominator that keeps updates finite.", status=BUILT),
     opt("prodigy_steps", "int", None,
         "Stop Prodigy adjusting its step size after this many steps; unset lets it adapt throughout.",
-        status=PLANNED),
+        status=BUILT),
     opt("max_grad_norm", "float", 2.0,
-        "Gradient clipping threshold; 0 turns clipping off.", status=PLANNED),
+        "Gradient clipping threshold; 0 turns clipping off.", status=BUILT),
     opt("grad_clip_method", "str", "value",
         "Clip each gradient element to +/- max_grad_norm, or rescale the whole gradient so its norm is "
         "at most max_grad_norm.",
-        choices=("value", "norm"), status=PLANNED),
+        choices=("value", "norm"), status=BUILT),
     opt("set_grads_to_none", "bool", False,
         "Free gradients between steps (set them to None) rather than filling them with zeros.",
-        status=PLANNED),
+        status=BUILT),
     # Optimizer memory
     opt("optimizer_cpu_offload_method", "str", "none",
         "How optimizer state is moved to CPU memory; only none is offered.", choices=("none",),
@@ -88,14 +88,14 @@ OPTIONS = [
         "Use fused optimizer kernels while offloading to cut memory overhead.", status=PLANNED),
     opt("optimizer_release_gradients", "bool", False,
         "With optimi optimizers, drop each gradient right after its parameter is updated.",
-        status=PLANNED),
+        status=BUILT),
     # Learning rate
     opt("lr_end", "float", 4e-7,
-        "Learning rate that the polynomial schedule decays to by the final step.", status=PLANNED),
+        "Learning rate that the polynomial schedule decays to by the final step.", status=BUILT),
     opt("lr_scale", "bool", False,
-        "Multiply the learning rate by GPUs x gradient accumulation steps x batch size.", status=PLANNED),
+        "Multiply the learning rate by GPUs x gradient accumulation steps x batch size.", status=BUILT),
     opt("lr_scale_sqrt", "bool", False,
-        "With lr_scale, multiply by the square root of that product instead.", status=PLANNED),
+        "With lr_scale, multiply by the square root of that product instead.", status=BUILT),
     # Freezing
     opt("layer_freeze_strategy", "str", "none",
         "Which parameters to freeze: none, or bitfit (train only the bias terms).",
@@ -128,7 +128,7 @@ OPTIONS = [
         choices=("none", "ema_only", "comparison"), status=PLANNED),
     opt("seed_for_each_device", "bool", True,
         "Give every process its own seed derived from seed (repeatable across runs); off shares one seed, "
-        "which makes GPUs draw the same samples.", status=PLANNED),
+        "which makes GPUs draw the same samples.", status=BUILT),
     opt("local_rank", "int", -1,
         "Process rank on this node, normally set by the launcher; -1 means not distributed.",
         status=PLANNED),

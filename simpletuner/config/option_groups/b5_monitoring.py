@@ -1,6 +1,6 @@
 """Checkpoints, trackers, webhooks, publishing, user hook scripts and validation hand-off."""
 
-from simpletuner.config.option_types import PLANNED, opt
+from simpletuner.config.option_types import BUILT, PLANNED, opt
 
 GROUP = "Checkpoints, logging and publishing"
 
@@ -8,7 +8,7 @@ OPTIONS = [
     # Checkpoints
     opt("checkpoint_step_interval", "int", None,
         "Save a resumable checkpoint every this many steps; unset saves none by step.",
-        aliases=("checkpointing_steps",), status=PLANNED),
+        aliases=("checkpointing_steps",), status=BUILT),
     opt("checkpoint_epoch_interval", "int", None,
         "Save a checkpoint every this many finished epochs, in addition to step-based ones.",
         status=PLANNED),
@@ -36,11 +36,11 @@ OPTIONS = [
     # Trackers
     opt("report_to", "str", "none",
         "Tracker that receives metrics and validation images; all sends to every supported tracker.",
-        choices=("tensorboard", "wandb", "comet_ml", "all", "none"), status=PLANNED),
+        choices=("tensorboard", "wandb", "comet_ml", "all", "none"), status=BUILT),
     opt("tracker_project_name", "str", "simpletuner",
-        "Project name under which runs are grouped in the tracker.", status=PLANNED),
+        "Project name under which runs are grouped in the tracker.", status=BUILT),
     opt("tracker_run_name", "str", "simpletuner-testing",
-        "Name of this run in the tracker.", status=PLANNED),
+        "Name of this run in the tracker.", status=BUILT),
     opt("tracker_image_layout", "str", "gallery",
         "How validation images are arranged in the tracker.", choices=("gallery", "table"),
         status=PLANNED),
