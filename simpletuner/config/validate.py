@@ -76,6 +76,10 @@ def combination_errors(settings: Settings) -> list[ConfigError]:
     for option, needed, why in REQUIRES:
         if _is_active(settings, option) and not _is_active(settings, needed):
             errors.append(ConfigError(option, f"{option} is set but {needed} is not: {why}. Set {needed}=true or remove {option}."))
+    if settings.optimizer_release_gradients and settings.is_set("max_grad_norm") and settings.max_grad_norm:
+        errors.append(ConfigError("optimizer_release_gradients", "optimizer_release_gradients frees each gradient as "
+                                  "soon as it is applied, so max_grad_norm clipping cannot happen. Remove max_grad_norm "
+                                  "or turn optimizer_release_gradients off."))
     if settings.max_train_steps in (None, 0) and settings.num_train_epochs in (None, 0):
         errors.append(ConfigError("max_train_steps", "Neither max_train_steps nor num_train_epochs is set, so training "
                                                      "would never end. Set one of them to a positive number."))

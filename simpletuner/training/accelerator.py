@@ -1,0 +1,64 @@
+"""Building the accelerate ``Accelerator`` from the settings."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from simpletuner.config.settings import Settings
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def weight_dtype_for(settings: Settings) -> torch.dtype:
+    """dtype of the frozen weights: follows mixed_precision; trainable weights stay float32."""
+    return DTYPES.get(settings.mixed_precision or "no", torch.float32)
+
+
+def trackers(settings: Settings) -> list[str]:
+    report_to = settings.report_to or "none"
+    if report_to == "none":
+        return []
+    if report_to == "all":
+        return ["tensorboard", "wandb", "comet_ml"]
+    return [name.strip() for name in str(report_to).split(",") if name.strip()]
+
+
+def build_accelerator(settings: Settings):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    logging_dir = os.path.join(settings.output_dir, settings.logging_dir or "logs")
+    project = ProjectConfiguration(project_dir=settings.output_dir, logging_dir=logging_dir)
+    log_with = trackers(settings)
+    accelerator = Accelerator(
+        mixed_precision=settings.mixed_precision or "no",
+        gradient_accumulation_steps=int(settings.gradient_accumulation_steps or 1),
+        log_with=log_with or None,
+        project_config=project,
+    )
+    if settings.seed is not None:
+        set_seed(int(settings.seed), device_specific=bool(settings.seed_for_each_device))
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = not settings.disable_tf32
+        torch.backends.cudnn.allow_tf32 = not settings.disable_tf32
+    if settings.torch_num_threads:
+        torch.set_num_threads(int(settings.torch_num_threads))
+    if log_with and accelerator.is_main_process:
+        accelerator.init_trackers(settings.tracker_project_name or "simpletuner",
+                                  config=_tracker_config(settings),
+                                  init_kwargs=_tracker_init_kwargs(settings, log_with))
+    return accelerator
+
+
+def _tracker_config(settings: Settings) -> dict:
+    """Trackers accept only plain scalars."""
+    return {k: v for k, v in settings.explicit().items() if isinstance(v, (int, float, str, bool))}
+
+
+def _tracker_init_kwargs(settings: Settings, log_with: list[str]) -> dict:
+    kwargs = {}
+    if "wandb" in log_with and settings.tracker_run_name:
+        kwargs["wandb"] = {"name": settings.tracker_run_name}
+    return kwargs

@@ -1,0 +1,50 @@
+"""One forward pass: noise a batch, ask the family for a prediction, score it.
+
+Shared by every family: DDPM-style families sample integer timesteps from
+their noise scheduler; flow-matching families sample sigmas in (0, 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from simpletuner.config.settings import Settings
+from simpletuner.data.types import TrainingBatch
+from simpletuner.models.base import ModelFamily
+from simpletuner.training import losses, noise
+
+
+class LossStep:
+    def __init__(self, family: ModelFamily, settings: Settings, weight_dtype: torch.dtype):
+        self.family = family
+        self.settings = settings
+        self.weight_dtype = weight_dtype
+        self.scheduler = family.components.noise_scheduler
+        self.prediction_type = family.prediction_type()
+        self.flow = family.flow_matching or self.prediction_type == "flow_matching"
+        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
+
+    def __call__(self, batch: TrainingBatch, step: int, generator: torch.Generator) -> torch.Tensor:
+        latents = batch.latents.float()
+        clean_noise = noise.make_noise(latents, self.settings, generator)
+        if self.flow:
+            sigmas = noise.sample_flow_sigmas(latents.shape[0], self.settings, generator, latents.device,
+                                              image_seq_len=self._image_seq_len(latents))
+            timesteps = sigmas * self.num_train_timesteps
+            model_noise = noise.perturb_noise(clean_noise, self.settings, step, generator)
+            noisy = noise.flow_noisy_latents(latents, model_noise, sigmas)
+            target = noise.flow_target(latents, clean_noise)
+        else:
+            timesteps = noise.sample_timesteps(latents.shape[0], self.num_train_timesteps, self.settings, generator,
+                                               latents.device, step=step)
+            model_noise = noise.perturb_noise(clean_noise, self.settings, step, generator)
+            noisy = noise.add_noise(self.scheduler, latents, model_noise, timesteps)
+            target = losses.training_target(self.prediction_type, self.scheduler, latents, clean_noise, timesteps)
+        prediction = self.family.predict(batch, noisy.to(self.weight_dtype), timesteps)
+        return losses.diffusion_loss(prediction.float(), target.float(), timesteps, self.scheduler, self.settings,
+                                     self.prediction_type, mask=batch.loss_mask)
+
+    @staticmethod
+    def _image_seq_len(latents: torch.Tensor) -> int:
+        # Packed 2x2 patches, as the flow transformers use.
+        return (latents.shape[-1] // 2) * (latents.shape[-2] // 2)

@@ -1,0 +1,181 @@
+"""The training recipe: setup -> loop -> finish.
+
+The trainer wires the parts together and owns the loop; the parts (family,
+data pipeline, adapters, optimizer, checkpoints, outputs) do the work.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+
+from simpletuner.config.settings import Settings
+from simpletuner.training import adapters, checkpoints, lr_schedules, optimizers
+from simpletuner.training.accelerator import build_accelerator, weight_dtype_for
+from simpletuner.training.loss_step import LossStep
+from simpletuner.training.outputs import save_outputs
+from simpletuner.training.progress import TrainingProgress
+from simpletuner.training.run_state import RunState
+
+logger = logging.getLogger("simpletuner.trainer")
+
+
+class Trainer:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.state = RunState()
+
+    def run(self) -> RunState:
+        self.setup_accelerator()
+        self.setup_model()
+        self.setup_data()
+        self.setup_trainable()
+        self.setup_optimization()
+        self.resume_if_requested()
+        self.train()
+        self.finish()
+        return self.state
+
+    # --- setup -------------------------------------------------------------------------
+    def setup_accelerator(self) -> None:
+        self.accelerator = build_accelerator(self.settings)
+        self.device = self.accelerator.device
+        self.weight_dtype = weight_dtype_for(self.settings)
+
+    def setup_model(self) -> None:
+        from simpletuner.models.registry import get_family
+
+        family_class = get_family(self.settings.model_family, self.settings)
+        self.family = family_class(self.settings)
+        self.components = self.family.load(self.device, self.weight_dtype)
+
+    def setup_data(self) -> None:
+        from simpletuner.data.pipeline import prepare_data
+
+        self.data = prepare_data(self.settings, family=self.family, rank=self.accelerator.process_index,
+                                 world_size=self.accelerator.num_processes, progress=self.accelerator.is_main_process)
+        if not self.settings.keep_vae_loaded and not self.data.needs_vae_for_batches:
+            self.components.vae.to("cpu")
+
+    def setup_trainable(self) -> None:
+        denoiser = self.components.denoiser
+        if self.settings.model_type == "lora":
+            denoiser.requires_grad_(False)
+            adapters.attach_lora(denoiser, self.settings, list(self.family.default_lora_targets))
+        else:
+            denoiser.requires_grad_(True)
+        if self.settings.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
+            denoiser.enable_gradient_checkpointing()
+        self.trainable = adapters.trainable_parameters(denoiser)
+        for parameter in self.trainable:
+            parameter.data = parameter.data.float()
+        self.ema = None
+        if self.settings.use_ema:
+            from simpletuner.training.ema import EMA
+
+            self.ema = EMA(self.trainable, self.settings)
+
+    def setup_optimization(self) -> None:
+        settings = self.settings
+        learning_rate = lr_schedules.scaled_learning_rate(settings, self.accelerator.num_processes)
+        groups = [{"params": self.trainable, "lr": learning_rate}]
+        self.optimizer = optimizers.build_optimizer(settings.replace(learning_rate=learning_rate), groups)
+        self.total_steps = self._total_steps()
+        # Stepped by the trainer once per optimizer step, so it counts optimizer steps on every process.
+        self.lr_scheduler = lr_schedules.build_lr_scheduler(settings, self.optimizer, self.total_steps, num_processes=1)
+        self.denoiser, self.optimizer = self.accelerator.prepare(self.components.denoiser, self.optimizer)
+        self.components.denoiser = self.denoiser  # the family predicts through the (possibly DDP-wrapped) module
+        if settings.optimizer_release_gradients:
+            optimizers.prepare_gradient_release(self.accelerator.unwrap_model(self.denoiser), self.optimizer)
+        self.loss_step = LossStep(self.family, settings, self.weight_dtype)
+
+    def _total_steps(self) -> int:
+        if self.settings.max_train_steps:
+            return int(self.settings.max_train_steps)
+        per_epoch = math.ceil(self.data.steps_per_epoch / int(self.settings.gradient_accumulation_steps or 1))
+        return int(self.settings.num_train_epochs) * max(per_epoch, 1)
+
+    def resume_if_requested(self) -> None:
+        path = checkpoints.resolve_resume_path(self.settings.output_dir, self.settings.resume_from_checkpoint)
+        if path is None:
+            return
+        self.state.restore(self, path)
+        logger.info("Resumed from %s at step %d (epoch %d)", path, self.state.global_step, self.state.epoch)
+
+    # --- loop --------------------------------------------------------------------------
+    def train(self) -> None:
+        settings, accelerator = self.settings, self.accelerator
+        optimizers.optimizer_train_mode(self.optimizer)
+        progress = TrainingProgress(settings, accelerator, self.total_steps, self.state.global_step)
+        self.denoiser.train()
+        while self.state.global_step < self.total_steps:
+            prepared = self.data.next_batch()
+            self.state.epoch = prepared.epoch
+            generator = torch.Generator().manual_seed(self._step_seed())
+            batch = prepared.batch.to(self.device)
+            with accelerator.accumulate(self.denoiser), accelerator.autocast():
+                loss = self.loss_step(batch, self.state.global_step, generator)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    self._clip_gradients()
+                self.optimizer.step()
+                if accelerator.sync_gradients:
+                    self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=bool(settings.set_grads_to_none))
+            self.state.accumulate_loss(loss.detach(), batch.sample_ids)
+            if accelerator.sync_gradients:
+                self._after_optimizer_step(progress)
+        progress.close()
+
+    def _step_seed(self) -> int:
+        seed = self.settings.seed or 0
+        rank = self.accelerator.process_index if self.settings.seed_for_each_device else 0
+        return (seed * 1_000_003 + self.state.micro_step * 7919 + rank) % (2**63 - 1)
+
+    def _clip_gradients(self) -> None:
+        limit = self.settings.max_grad_norm
+        if not limit or self.settings.optimizer_release_gradients:  # released gradients never coexist
+            return
+        if self.settings.grad_clip_method == "value":
+            self.accelerator.clip_grad_value_(self.trainable, limit)
+        else:
+            self.accelerator.clip_grad_norm_(self.trainable, limit)
+
+    def _after_optimizer_step(self, progress: TrainingProgress) -> None:
+        state = self.state
+        state.global_step += 1
+        if self.ema is not None:
+            self.ema.update(state.global_step)
+        loss = state.pop_step_loss()
+        progress.step(state.global_step, loss, self.lr_scheduler.get_last_lr()[0], state.epoch)
+        if self._checkpoint_due():
+            self.save_checkpoint()
+
+    def _checkpoint_due(self) -> bool:
+        interval = self.settings.checkpoint_step_interval
+        return bool(interval) and self.state.global_step % int(interval) == 0 and \
+            self.state.global_step < self.total_steps
+
+    def save_checkpoint(self) -> str | None:
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.accelerator.is_main_process:
+            path = self.state.save(self)
+            checkpoints.rotate_checkpoints(self.settings.output_dir, self.settings.checkpoints_total_limit)
+            logger.info("Saved checkpoint %s", path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    # --- finish ------------------------------------------------------------------------
+    def finish(self) -> None:
+        self.accelerator.wait_for_everyone()
+        optimizers.optimizer_eval_mode(self.optimizer)
+        if self.accelerator.is_main_process:
+            denoiser = self.accelerator.unwrap_model(self.denoiser)
+            save_outputs(self.family, denoiser, self.settings, self.ema, self.trainable)
+            logger.info("Saved results to %s", os.path.abspath(self.settings.output_dir))
+        self.data.close()
+        self.accelerator.end_training()
