@@ -14,16 +14,32 @@ it is sd2x when model_flavour is one of sd2x's flavours, otherwise sd1x.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from simpletuner.models.base import ModelFamily
 
-# Which module defines each family. A family is importable only once it is listed here.
+# Which module defines each family. Every model_family value is listed; a family whose
+# module does not exist yet is reported as "not implemented yet".
 FAMILY_MODULES: dict[str, str] = {
     "sd1x": "simpletuner.models.sd",
     "sd2x": "simpletuner.models.sd",
     "sdxl": "simpletuner.models.sdxl",
+    "kolors": "simpletuner.models.kolors",
+    "deepfloyd": "simpletuner.models.deepfloyd",
+    "sd3": "simpletuner.models.sd3",
+    "flux": "simpletuner.models.flux",
+    "pixart_sigma": "simpletuner.models.pixart",
+    "sana": "simpletuner.models.sana",
+    "auraflow": "simpletuner.models.auraflow",
+    "lumina2": "simpletuner.models.lumina2",
+    "qwen_image": "simpletuner.models.qwen_image",
+    "hidream": "simpletuner.models.hidream",
+    "omnigen": "simpletuner.models.omnigen",
+    "cosmos2image": "simpletuner.models.cosmos",
+    "wan": "simpletuner.models.wan",
+    "ltxvideo": "simpletuner.models.ltxvideo",
 }
 LEGACY_NAME = "legacy"
 
@@ -35,6 +51,10 @@ class UnknownFamilyError(KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class FamilyNotBuiltError(UnknownFamilyError):
+    """model_family is a valid name whose model code has not been written yet."""
 
 
 def register(cls: type[ModelFamily]) -> type[ModelFamily]:
@@ -50,6 +70,11 @@ def register(cls: type[ModelFamily]) -> type[ModelFamily]:
         )
     FAMILIES[name] = cls
     return cls
+
+
+def available_families() -> list[str]:
+    """Families whose model code exists in this build."""
+    return sorted(name for name, module in FAMILY_MODULES.items() if importlib.util.find_spec(module) is not None)
 
 
 def known_families() -> list[str]:
@@ -81,6 +106,10 @@ def get_family(name: str, flavour_or_settings: Any = None) -> type[ModelFamily]:
     if module is None:
         raise UnknownFamilyError(
             f"model_family={name!r} is not available; choose one of: {', '.join(known_families())}"
+        )
+    if importlib.util.find_spec(module) is None:
+        raise FamilyNotBuiltError(
+            f"model_family={name} is not implemented yet; families available now: {', '.join(available_families())}"
         )
     importlib.import_module(module)
     if name not in FAMILIES:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from simpletuner.config.errors import ConfigError
-from simpletuner.training import adapters, checkpoints
+from simpletuner.training import checkpoints
 
 # Settings that must match for a checkpoint to be usable.
 IDENTITY_KEYS = ("model_family", "model_flavour", "pretrained_model_name_or_path", "model_type", "lora_type",
@@ -40,12 +40,11 @@ class RunState:
         return {"global_step": self.global_step, "micro_step": self.micro_step, "epoch": self.epoch}
 
     # --- checkpoints -----------------------------------------------------------------------
-    def save(self, trainer) -> str:
-        denoiser = trainer.accelerator.unwrap_model(trainer.denoiser)
-        weights = adapters.lora_state_dict(denoiser) if trainer.settings.model_type == "lora" else denoiser.state_dict()
+    def save(self, trainer, rolling: bool = False) -> str:
+        module = trainer.accelerator.unwrap_model(trainer.model)
+        weights = trainer.trained.state_dict(module)
         state = {
-            "adapter" if trainer.settings.model_type == "lora" else "model": {k: v.detach().cpu().contiguous()
-                                                                                for k, v in weights.items()},
+            trainer.trained.checkpoint_key: {k: v.detach().cpu().contiguous() for k, v in weights.items()},
             "optimizer": trainer.optimizer.state_dict(),
             "lr_scheduler": trainer.lr_scheduler.state_dict(),
             "sampler": trainer.data.state_dict(),
@@ -56,7 +55,7 @@ class RunState:
             state["ema"] = trainer.ema.state_dict()
         return checkpoints.save_checkpoint(trainer.settings.output_dir, self.global_step, self.epoch, state,
                                            config_summary(trainer.settings),
-                                           use_tempdir=True)
+                                           use_tempdir=True, rolling=rolling)
 
     def restore(self, trainer, path: str) -> None:
         state, manifest = checkpoints.load_checkpoint(path)
@@ -66,11 +65,8 @@ class RunState:
                               f"The checkpoint {path} was made with a different setup and cannot be resumed: "
                               + "; ".join(differences)
                               + ". Restore those settings, or start fresh with resume_from_checkpoint unset.")
-        denoiser = trainer.accelerator.unwrap_model(trainer.denoiser)
-        if "adapter" in state:
-            adapters.load_lora_state(denoiser, state["adapter"])
-        else:
-            denoiser.load_state_dict(state["model"])
+        module = trainer.accelerator.unwrap_model(trainer.model)
+        trainer.trained.load_state_dict(module, state[trainer.trained.checkpoint_key])
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
         trainer.data.load_state_dict(state["sampler"])

@@ -13,12 +13,15 @@ import os
 import torch
 
 from simpletuner.config.settings import Settings
-from simpletuner.training import adapters, checkpoints, lr_schedules, optimizers
+from simpletuner.training import checkpoints, lr_schedules, optimizers
 from simpletuner.training.accelerator import build_accelerator, weight_dtype_for
+from simpletuner.training.callbacks import build_callbacks
 from simpletuner.training.loss_step import LossStep
+from simpletuner.training.model_setup import prepare_components
 from simpletuner.training.outputs import save_outputs
 from simpletuner.training.progress import TrainingProgress
 from simpletuner.training.run_state import RunState
+from simpletuner.training.trainable import make_trainable
 
 logger = logging.getLogger("simpletuner.trainer")
 
@@ -35,6 +38,8 @@ class Trainer:
         self.setup_trainable()
         self.setup_optimization()
         self.resume_if_requested()
+        self.callbacks = build_callbacks(self.settings)
+        self.callbacks.on_train_start(self)
         self.train()
         self.finish()
         return self.state
@@ -51,6 +56,7 @@ class Trainer:
         family_class = get_family(self.settings.model_family, self.settings)
         self.family = family_class(self.settings)
         self.components = self.family.load(self.device, self.weight_dtype)
+        prepare_components(self.family, self.components, self.settings, self.device)
 
     def setup_data(self) -> None:
         from simpletuner.data.pipeline import prepare_data
@@ -61,17 +67,11 @@ class Trainer:
             self.components.vae.to("cpu")
 
     def setup_trainable(self) -> None:
-        denoiser = self.components.denoiser
-        if self.settings.model_type == "lora":
-            denoiser.requires_grad_(False)
-            adapters.attach_lora(denoiser, self.settings, list(self.family.default_lora_targets))
-        else:
-            denoiser.requires_grad_(True)
-        if self.settings.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
-            denoiser.enable_gradient_checkpointing()
-        self.trainable = adapters.trainable_parameters(denoiser)
-        for parameter in self.trainable:
-            parameter.data = parameter.data.float()
+        self.trained = make_trainable(self.family, self.settings)
+        self.trained.attach()
+        if self.settings.gradient_checkpointing and hasattr(self.trained.module, "enable_gradient_checkpointing"):
+            self.trained.module.enable_gradient_checkpointing()
+        self.trainable = self.trained.parameters
         self.ema = None
         if self.settings.use_ema:
             from simpletuner.training.ema import EMA
@@ -86,10 +86,11 @@ class Trainer:
         self.total_steps = self._total_steps()
         # Stepped by the trainer once per optimizer step, so it counts optimizer steps on every process.
         self.lr_scheduler = lr_schedules.build_lr_scheduler(settings, self.optimizer, self.total_steps, num_processes=1)
-        self.denoiser, self.optimizer = self.accelerator.prepare(self.components.denoiser, self.optimizer)
-        self.components.denoiser = self.denoiser  # the family predicts through the (possibly DDP-wrapped) module
+        self.model, self.optimizer = self.accelerator.prepare(self.trained.module, self.optimizer)
+        if self.trained.module is self.components.denoiser:
+            self.components.denoiser = self.model  # the family predicts through the (possibly DDP-wrapped) module
         if settings.optimizer_release_gradients:
-            optimizers.prepare_gradient_release(self.accelerator.unwrap_model(self.denoiser), self.optimizer)
+            optimizers.prepare_gradient_release(self.trained.module, self.optimizer)
         self.loss_step = LossStep(self.family, settings, self.weight_dtype)
 
     def _total_steps(self) -> int:
@@ -110,13 +111,15 @@ class Trainer:
         settings, accelerator = self.settings, self.accelerator
         optimizers.optimizer_train_mode(self.optimizer)
         progress = TrainingProgress(settings, accelerator, self.total_steps, self.state.global_step)
-        self.denoiser.train()
+        self.model.train()
         while self.state.global_step < self.total_steps:
             prepared = self.data.next_batch()
-            self.state.epoch = prepared.epoch
+            if prepared.epoch != self.state.epoch:
+                self._after_epoch(self.state.epoch)
+                self.state.epoch = prepared.epoch
             generator = torch.Generator().manual_seed(self._step_seed())
             batch = prepared.batch.to(self.device)
-            with accelerator.accumulate(self.denoiser), accelerator.autocast():
+            with accelerator.accumulate(self.model), accelerator.autocast():
                 loss = self.loss_step(batch, self.state.global_step, generator)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -153,19 +156,37 @@ class Trainer:
         progress.step(state.global_step, loss, self.lr_scheduler.get_last_lr()[0], state.epoch)
         if self._checkpoint_due():
             self.save_checkpoint()
+        self.callbacks.on_step_end(self, state.global_step, loss)
+
+    def _after_epoch(self, epoch: int) -> None:
+        interval = self.settings.checkpoint_epoch_interval
+        if interval and epoch % int(interval) == 0 and self.state.global_step < self.total_steps:
+            self.save_checkpoint()
+        self.callbacks.on_epoch_end(self, epoch)
 
     def _checkpoint_due(self) -> bool:
-        interval = self.settings.checkpoint_step_interval
-        return bool(interval) and self.state.global_step % int(interval) == 0 and \
-            self.state.global_step < self.total_steps
+        step = self.state.global_step
+        if step >= self.total_steps:
+            return False
+        if self.settings.checkpoint_step_interval and step % int(self.settings.checkpoint_step_interval) == 0:
+            return True
+        return bool(self._rolling_due())
+
+    def _rolling_due(self) -> bool:
+        rolling = self.settings.checkpointing_rolling_steps
+        regular = self.settings.checkpoint_step_interval
+        step = self.state.global_step
+        return bool(rolling) and step % int(rolling) == 0 and not (regular and step % int(regular) == 0)
 
     def save_checkpoint(self) -> str | None:
         self.accelerator.wait_for_everyone()
         path = None
         if self.accelerator.is_main_process:
-            path = self.state.save(self)
-            checkpoints.rotate_checkpoints(self.settings.output_dir, self.settings.checkpoints_total_limit)
+            path = self.state.save(self, rolling=self._rolling_due())
+            checkpoints.rotate_checkpoints(self.settings.output_dir, self.settings.checkpoints_total_limit,
+                                           self.settings.checkpoints_rolling_total_limit)
             logger.info("Saved checkpoint %s", path)
+            self.callbacks.on_checkpoint(self, path, self.state.global_step)
         self.accelerator.wait_for_everyone()
         return path
 
@@ -174,8 +195,8 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         optimizers.optimizer_eval_mode(self.optimizer)
         if self.accelerator.is_main_process:
-            denoiser = self.accelerator.unwrap_model(self.denoiser)
-            save_outputs(self.family, denoiser, self.settings, self.ema, self.trainable)
+            save_outputs(self.trained, self.accelerator.unwrap_model(self.model), self.settings.output_dir, self.ema)
             logger.info("Saved results to %s", os.path.abspath(self.settings.output_dir))
+            self.callbacks.on_train_end(self, self.settings.output_dir)
         self.data.close()
         self.accelerator.end_training()

@@ -6,7 +6,6 @@ from simpletuner.config.hardware import REQUIREMENTS
 from simpletuner.config.option_groups import (
     a1_model, a2_precision, a3_training, a4_adapters, a5_data, a6_validation,
 )
-from simpletuner.config.option_types import PLANNED
 from simpletuner.config.options import OPTIONS, canonical_name
 from simpletuner.config.settings import Settings
 from simpletuner.config.values import convert

@@ -7,7 +7,6 @@ import pytest
 
 from simpletuner.config.hardware import REQUIREMENTS
 from simpletuner.config.option_groups import b1_family, b2_noise_loss, b3_optim, b4_dataset, b5_monitoring
-from simpletuner.config.option_types import PLANNED
 from simpletuner.config.options import ALIASES, OPTIONS, canonical_name
 from simpletuner.config.settings import Settings
 

@@ -1,0 +1,3 @@
+from simpletuner.models.tiny import main
+
+raise SystemExit(main())

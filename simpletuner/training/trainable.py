@@ -1,0 +1,87 @@
+"""What a run trains: a PEFT LoRA on the denoiser, or the whole denoiser.
+
+The trainer only talks to a ``TrainableModel``: the module accelerate wraps,
+its trainable parameters (found once), the weights a checkpoint holds, and how
+the finished result is written. New adapter kinds (LyCORIS, ControlNet, ...)
+are new subclasses registered in ``make_trainable``; the trainer is unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from simpletuner.config.settings import Settings
+from simpletuner.training import adapters
+
+
+class TrainableModel:
+    checkpoint_key = "model"  # file stem of the weights inside a checkpoint
+
+    def __init__(self, family, settings: Settings):
+        self.family = family
+        self.settings = settings
+        self.module: torch.nn.Module = family.components.denoiser  # what accelerate prepares
+        self.parameters: list[torch.nn.Parameter] = []
+
+    def attach(self) -> None:
+        """Set requires_grad (and add adapter layers); fills self.parameters."""
+        raise NotImplementedError
+
+    def state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_state_dict(self, module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def save(self, module: torch.nn.Module, folder: str) -> None:
+        """Write the finished result into folder (unwrapped module)."""
+        raise NotImplementedError
+
+    def _collect_parameters(self) -> None:
+        self.parameters = adapters.trainable_parameters(self.module)
+        for parameter in self.parameters:
+            parameter.data = parameter.data.float()  # trainable weights stay float32 under mixed precision
+
+
+class PeftLora(TrainableModel):
+    checkpoint_key = "adapter"
+
+    def attach(self) -> None:
+        self.module.requires_grad_(False)
+        adapters.attach_lora(self.module, self.settings, list(self.family.default_lora_targets))
+        self._collect_parameters()
+
+    def state_dict(self, module):
+        return adapters.lora_state_dict(module)
+
+    def load_state_dict(self, module, state):
+        adapters.load_lora_state(module, state)
+
+    def save(self, module, folder):
+        os.makedirs(folder, exist_ok=True)
+        metadata = {self.family.denoiser_subfolder: module.peft_config["default"].to_dict()}
+        self.family.save_lora(folder, adapters.lora_state_dict(module), adapter_metadata=metadata)
+
+
+class FullModel(TrainableModel):
+    def attach(self) -> None:
+        self.module.requires_grad_(True)
+        self._collect_parameters()
+
+    def state_dict(self, module):
+        return module.state_dict()
+
+    def load_state_dict(self, module, state):
+        module.load_state_dict(state)
+
+    def save(self, module, folder):
+        os.makedirs(folder, exist_ok=True)
+        self.family.build_pipeline(denoiser=module).save_pretrained(folder, safe_serialization=True)
+
+
+def make_trainable(family, settings: Settings) -> TrainableModel:
+    if settings.model_type == "full":
+        return FullModel(family, settings)
+    return PeftLora(family, settings)
