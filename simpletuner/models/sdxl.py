@@ -32,6 +32,14 @@ def is_single_file(path: str) -> bool:
 
 @register
 class StableDiffusionXL(UNetLatentFamily):
+    """SDXL: two CLIP text encoders (ViT-L and OpenCLIP ViT-bigG, with its pooled output) and size/crop
+    micro-conditioning, epsilon prediction, trained around 1024px (use resolution 1024 with
+    resolution_type pixel_area). LoRA on the attention projections with rank 16-64 and a learning rate near
+    1e-4 is a good start; full fine-tunes want 1e-6 to 1e-5. Keep vae_dtype at fp32/bf16: the stock VAE
+    overflows in fp16 unless pretrained_vae_model_name_or_path names an fp16-fixed VAE. A single-file
+    .safetensors checkpoint can be given as pretrained_model_name_or_path; its architecture comes from the
+    flavour's folder."""
+
     name = "sdxl"
     flavours = {
         "base-1.0": "stabilityai/stable-diffusion-xl-base-1.0",
