@@ -73,3 +73,6 @@ def setup_logging() -> None:
                         datefmt="%H:%M:%S")
     for noisy in ("PIL", "urllib3", "botocore", "boto3", "s3transfer", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # torchao (imported by peft) reports missing CUDA kernels at import time on every CPU machine.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
