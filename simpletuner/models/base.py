@@ -88,6 +88,10 @@ class ModelFamily:
         raise NotImplementedError
 
     # --- training ---
+    def lora_target_modules(self) -> list[str]:
+        """Module names a PEFT LoRA wraps by default; families whose preset depends on settings override this."""
+        return list(self.default_lora_targets)
+
     def predict(self, batch: TrainingBatch, noisy_latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The denoiser's output for noisy latents at timesteps, conditioned on batch.text and micro-conditioning."""
         raise NotImplementedError

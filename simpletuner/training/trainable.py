@@ -50,7 +50,11 @@ class PeftLora(TrainableModel):
 
     def attach(self) -> None:
         self.module.requires_grad_(False)
-        adapters.attach_lora(self.module, self.settings, list(self.family.default_lora_targets))
+        adapters.attach_lora(self.module, self.settings, self.family.lora_target_modules())
+        if self.settings.init_lora:
+            from simpletuner.training.init_lora import load_initial_lora
+
+            load_initial_lora(self.module, self.settings, self.family.denoiser_subfolder)
         self._collect_parameters()
 
     def state_dict(self, module):
@@ -61,6 +65,13 @@ class PeftLora(TrainableModel):
 
     def save(self, module, folder):
         os.makedirs(folder, exist_ok=True)
+        if self.settings.lora_format == "comfyui":
+            from simpletuner.training import comfyui_format
+
+            config = module.peft_config["default"]
+            comfyui_format.save_comfyui_lora(os.path.join(folder, comfyui_format.LORA_FILE),
+                                             adapters.lora_state_dict(module), config.lora_alpha, config.to_dict())
+            return
         metadata = {self.family.denoiser_subfolder: module.peft_config["default"].to_dict()}
         self.family.save_lora(folder, adapters.lora_state_dict(module), adapter_metadata=metadata)
 
@@ -84,4 +95,8 @@ class FullModel(TrainableModel):
 def make_trainable(family, settings: Settings) -> TrainableModel:
     if settings.model_type == "full":
         return FullModel(family, settings)
+    if settings.lora_type == "lycoris":
+        from simpletuner.training.lycoris_adapter import LycorisNetwork
+
+        return LycorisNetwork(family, settings)
     return PeftLora(family, settings)
