@@ -99,10 +99,27 @@ def family_errors(settings: Settings) -> list[ConfigError]:
     return [ConfigError("model_family", message) for message in family.check_settings(settings)]
 
 
+def adapter_errors(settings: Settings) -> list[ConfigError]:
+    """A LyCORIS run's config file is read now, so a bad file fails before any caching."""
+    if settings.model_type != "lora" or settings.lora_type != "lycoris":
+        return []
+    if not settings.lycoris_config:
+        return [ConfigError("lycoris_config", "lora_type=lycoris needs lycoris_config: the path of a JSON file "
+                                              "describing the network (algo, factor, apply_preset ...).")]
+    from simpletuner.training.lycoris_adapter import load_lycoris_config
+
+    try:
+        load_lycoris_config(settings.lycoris_config)
+    except ConfigError as exc:
+        return [exc]
+    return []
+
+
 CHECKS: list[Callable[[Settings], list[ConfigError]]] = [
     required_errors,
     implementation_errors,
     combination_errors,
+    adapter_errors,
     family_errors,
 ]
 
