@@ -115,12 +115,20 @@ def adapter_errors(settings: Settings) -> list[ConfigError]:
     return []
 
 
+def integration_errors(settings: Settings) -> list[ConfigError]:
+    """Trackers, webhooks, disk guard and user scripts: missing packages, bad files, bad thresholds."""
+    from simpletuner.integrations.checks import integration_errors as check
+
+    return check(settings)
+
+
 CHECKS: list[Callable[[Settings], list[ConfigError]]] = [
     required_errors,
     implementation_errors,
     combination_errors,
     adapter_errors,
     family_errors,
+    integration_errors,
 ]
 
 

@@ -7,6 +7,7 @@ import os
 import torch
 
 from simpletuner.config.settings import Settings
+from simpletuner.integrations.trackers import tracker_config, tracker_errors, tracker_init_kwargs, tracker_names
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -17,12 +18,11 @@ def weight_dtype_for(settings: Settings) -> torch.dtype:
 
 
 def trackers(settings: Settings) -> list[str]:
-    report_to = settings.report_to or "none"
-    if report_to == "none":
-        return []
-    if report_to == "all":
-        return ["tensorboard", "wandb", "comet_ml"]
-    return [name.strip() for name in str(report_to).split(",") if name.strip()]
+    """Trackers to start; raises ConfigError when a named tracker's package is missing."""
+    errors = tracker_errors(settings)
+    if errors:
+        raise errors[0]
+    return tracker_names(settings)
 
 
 def build_accelerator(settings: Settings):
@@ -47,18 +47,6 @@ def build_accelerator(settings: Settings):
         torch.set_num_threads(int(settings.torch_num_threads))
     if log_with and accelerator.is_main_process:
         accelerator.init_trackers(settings.tracker_project_name or "simpletuner",
-                                  config=_tracker_config(settings),
-                                  init_kwargs=_tracker_init_kwargs(settings, log_with))
+                                  config=tracker_config(settings),
+                                  init_kwargs=tracker_init_kwargs(settings, log_with, logging_dir))
     return accelerator
-
-
-def _tracker_config(settings: Settings) -> dict:
-    """Trackers accept only plain scalars."""
-    return {k: v for k, v in settings.explicit().items() if isinstance(v, (int, float, str, bool))}
-
-
-def _tracker_init_kwargs(settings: Settings, log_with: list[str]) -> dict:
-    kwargs = {}
-    if "wandb" in log_with and settings.tracker_run_name:
-        kwargs["wandb"] = {"name": settings.tracker_run_name}
-    return kwargs
