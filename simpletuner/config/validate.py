@@ -96,7 +96,15 @@ def family_errors(settings: Settings) -> list[ConfigError]:
         family = get_family(settings.model_family, settings)
     except (KeyError, NotImplementedError) as exc:
         return [ConfigError("model_family", str(exc.args[0] if exc.args else exc))]
-    return [ConfigError("model_family", message) for message in family.check_settings(settings)]
+    errors = [ConfigError("model_family", message) for message in family.check_settings(settings)]
+    other = "transformer" if family.denoiser_subfolder == "unet" else "unet"
+    for suffix in ("model_name_or_path", "subfolder"):
+        name = f"pretrained_{other}_{suffix}"
+        if settings.is_set(name) and getattr(settings, name) not in (None, "", other):
+            errors.append(ConfigError(name, f"{name} does not apply to model_family={settings.model_family}, whose "
+                                            f"trained model is a {family.denoiser_subfolder}; use "
+                                            f"pretrained_{family.denoiser_subfolder}_{suffix} instead."))
+    return errors
 
 
 def adapter_errors(settings: Settings) -> list[ConfigError]:
@@ -122,6 +130,13 @@ def integration_errors(settings: Settings) -> list[ConfigError]:
     return check(settings)
 
 
+def validation_errors(settings: Settings) -> list[ConfigError]:
+    """Validation prompts, resolutions, samplers and eval datasets that cannot work."""
+    from simpletuner.validation.checks import validation_errors as check
+
+    return check(settings)
+
+
 CHECKS: list[Callable[[Settings], list[ConfigError]]] = [
     required_errors,
     implementation_errors,
@@ -129,6 +144,7 @@ CHECKS: list[Callable[[Settings], list[ConfigError]]] = [
     adapter_errors,
     family_errors,
     integration_errors,
+    validation_errors,
 ]
 
 

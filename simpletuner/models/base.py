@@ -97,6 +97,10 @@ class ModelFamily:
         raise NotImplementedError
 
     # --- inference and saving ---
+    def pipeline_call_arguments(self) -> dict:
+        """Keyword arguments a pipeline call needs to encode prompts the way training did (e.g. text length)."""
+        return {}
+
     def build_pipeline(self, denoiser: torch.nn.Module | None = None, **overrides):
         """A diffusers pipeline from loaded components (denoiser replaced when given)."""
         raise NotImplementedError

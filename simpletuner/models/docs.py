@@ -35,10 +35,20 @@ def render(name: str) -> str:
               "## Loading the result", "", "```python",
               f"from diffusers import {family.pipeline_class.__name__}", "",
               f'pipe = {family.pipeline_class.__name__}.from_pretrained("{family.flavours[family.default_flavour]}")',
-              'pipe.load_lora_weights("output/my-run")  # model_type=lora',
+              *_adapter_lines(family),
               f'# pipe = {family.pipeline_class.__name__}.from_pretrained("output/my-run")  # model_type=full',
               "```", ""]
     return "\n".join(lines)
+
+
+def _adapter_lines(family) -> list[str]:
+    if hasattr(family.pipeline_class, "load_lora_weights"):
+        return ['pipe.load_lora_weights("output/my-run")  # model_type=lora (PEFT LoRA or lora_format=comfyui)']
+    return ["# This pipeline has no LoRA loader: train with lora_type=lycoris and apply the result with lycoris:",
+            "from lycoris import create_lycoris_from_weights",
+            f"network, _ = create_lycoris_from_weights(1.0, \"output/my-run/pytorch_lora_weights.safetensors\", "
+            f"pipe.{family.denoiser_subfolder})",
+            "network.merge_to()"]
 
 
 def pages() -> dict[str, str]:

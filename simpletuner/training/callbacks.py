@@ -12,7 +12,13 @@ import importlib
 
 from simpletuner.config.settings import Settings
 
-CALLBACK_FACTORIES: list[str] = []
+CALLBACK_FACTORIES: list[str] = [
+    "simpletuner.validation.callback:build_validation_callback",
+    "simpletuner.integrations.webhook_callback:webhook_callback",
+    "simpletuner.integrations.disk_guard:disk_guard_callback",
+    "simpletuner.integrations.user_scripts:post_checkpoint_callback",
+    "simpletuner.training.checkpointing:interval_callback",
+]
 
 
 class Callback:
@@ -30,6 +36,9 @@ class Callback:
 
     def on_train_end(self, trainer, output_dir: str) -> None:
         """After the final model was saved (main process only)."""
+
+    def on_error(self, trainer, error: BaseException) -> None:
+        """The run is stopping because of error (re-raised after every callback ran)."""
 
 
 class CallbackList:

@@ -27,10 +27,10 @@ OPTIONS = [
         "Load the VAE from this repository or folder instead of from the base model.", status=BUILT),
     opt("pretrained_transformer_model_name_or_path", "str", None,
         "Load the transformer (denoiser) from this repository or folder instead of from the base model.",
-        status=PLANNED),
+        status=BUILT),
     opt("pretrained_transformer_subfolder", "str", "transformer",
         "Folder inside the transformer source that holds its weights; 'none' means the weights sit at the top "
-        "level.", status=PLANNED),
+        "level.", status=BUILT),
     opt("pretrained_unet_model_name_or_path", "str", None,
         "Load the UNet (denoiser) from this repository or folder instead of from the base model.",
         status=BUILT),
@@ -39,10 +39,10 @@ OPTIONS = [
         status=BUILT),
     opt("pretrained_t5_model_name_or_path", "str", None,
         "Take the T5 text encoder from this repository or folder, so one local copy can be shared between "
-        "base models.", status=PLANNED),
+        "base models.", status=BUILT),
     opt("pretrained_gemma_model_name_or_path", "str", None,
         "Take the Gemma text encoder (Sana, Lumina2 and similar) from this repository or folder instead of the "
-        "base model.", status=PLANNED),
+        "base model.", status=BUILT),
     opt("revision", "str", None,
         "Git branch, tag or commit of the Hugging Face repository to download.", status=BUILT),
     opt("variant", "str", None,

@@ -12,7 +12,7 @@ FLUX_LORA_TARGETS = (
 OPTIONS = [
     opt("lora_type", "str", "standard",
         "Adapter implementation: PEFT LoRA (standard) or a LyCORIS network described by lycoris_config.",
-        choices=("standard", "lycoris"), status=BUILT, planned_choices=("lycoris",)),
+        choices=("standard", "lycoris"), status=BUILT),
     opt("lora_rank", "int", 16,
         "Inner dimension of the LoRA matrices; higher ranks learn more and make larger files.",
         status=BUILT),
@@ -27,7 +27,7 @@ OPTIONS = [
         choices=("default", "gaussian", "loftq", "olora", "pissa"), status=BUILT),
     opt("lora_format", "str", "diffusers",
         "Key layout of saved LoRA files: diffusers/PEFT names, or ComfyUI-style diffusion_model.* keys with "
-        "alpha tensors.", choices=("diffusers", "comfyui"), status=PLANNED),
+        "alpha tensors.", choices=("diffusers", "comfyui"), status=BUILT),
     opt("use_dora", "bool", False,
         "Train weight-decomposed LoRA (DoRA), which learns a separate magnitude per output; slower.",
         status=BUILT),
@@ -42,16 +42,17 @@ OPTIONS = [
         '["to_q", "to_k"]. Replaces the family\'s preset targets.', status=BUILT),
     opt("flux_lora_target", "str", "all",
         "Flux only: which group of layers the LoRA wraps, from attention-only presets up to feed-forward "
-        "and embedder layers.", choices=FLUX_LORA_TARGETS, status=PLANNED),
+        "and embedder layers.", choices=FLUX_LORA_TARGETS, status=BUILT,
+        planned_choices=("controlnet", "all+ffs+embedder+controlnet")),
     opt("slider_lora_target", "bool", False,
         "Aim standard PEFT LoRA at slider-friendly layers (self-attention plus conv/time embeddings).",
         status=PLANNED),
     opt("init_lora", "str", None,
-        "LoRA or LyCORIS .safetensors file whose weights seed the new adapter.", status=PLANNED),
+        "LoRA or LyCORIS .safetensors file whose weights seed the new adapter.", status=BUILT),
     opt("lycoris_config", "str", "config/lycoris_config.json",
         "Path to the JSON file describing the LyCORIS network (algorithm, factors, targets).",
-        status=PLANNED),
+        status=BUILT),
     opt("init_lokr_norm", "float", None,
         "LyCORIS LoKr only: start from a perturbed normal initialisation with this scale (around 1e-4 "
-        "speeds up early training).", status=PLANNED),
+        "speeds up early training).", status=BUILT),
 ]

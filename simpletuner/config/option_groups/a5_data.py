@@ -35,7 +35,7 @@ OPTIONS = [
         "conditioning; unset or 0 never drops captions.", status=BUILT),
     opt("tokenizer_max_length", "int", None,
         "Advanced: override how many tokens the text encoders receive; unset keeps each family's "
-        "length.", status=PLANNED),
+        "length.", status=BUILT),
     opt("conditioning_multidataset_sampling", "str", "random",
         "With several conditioning datasets, use all of them together for each sample (combined) or pick "
         "one at random per sample (random).", choices=("combined", "random"), status=PLANNED),
@@ -54,10 +54,10 @@ OPTIONS = [
         "it is rebuilt (recreate), or update the bucket to match it (sync).",
         choices=("recreate", "sync"), status=BUILT),
     opt("vae_enable_slicing", "bool", False,
-        "Let the VAE process a batch one image at a time to lower peak memory.", status=PLANNED),
+        "Let the VAE process a batch one image at a time to lower peak memory.", status=BUILT),
     opt("vae_enable_tiling", "bool", False,
         "Let the VAE encode and decode large images in overlapping tiles to lower peak memory.",
-        status=PLANNED),
+        status=BUILT),
     opt("vae_enable_patch_conv", "bool", False,
         "Run the video VAE's 3D convolutions patch by patch (HunyuanVideo VAE) to lower peak memory; a little "
         "slower.", status=PLANNED),

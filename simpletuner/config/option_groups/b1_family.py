@@ -1,6 +1,6 @@
 """Options that only matter for one model family (Flux, SD3, Sana, HiDream, LTX, SDXL refiner, video)."""
 
-from simpletuner.config.option_types import PLANNED, opt
+from simpletuner.config.option_types import BUILT, PLANNED, opt
 
 GROUP = "Family-specific"
 
@@ -9,33 +9,33 @@ OPTIONS = [
     opt("flux_guidance_mode", "str", "constant",
         "How the Flux guidance vector is picked during training: one fixed value, or a random draw "
         "between flux_guidance_min and flux_guidance_max for each sample.",
-        choices=("constant", "random-range"), status=PLANNED),
+        choices=("constant", "random-range"), status=BUILT),
     opt("flux_attention_masked_training", "bool", False,
-        "Mask out T5 padding tokens in Flux attention while training.", status=PLANNED),
+        "Mask out T5 padding tokens in Flux attention while training.", status=BUILT),
     opt("flux_guidance_value", "float", 1.0,
         "Guidance vector fed to Flux in constant mode. 1.0 keeps the Dev model's distillation intact; "
-        "values around 3.5-4.5 train the model back towards real classifier-free guidance.", status=PLANNED),
+        "values around 3.5-4.5 train the model back towards real classifier-free guidance.", status=BUILT),
     opt("flux_guidance_min", "float", 0.0,
-        "Lowest guidance vector drawn when flux_guidance_mode is random-range.", status=PLANNED),
+        "Lowest guidance vector drawn when flux_guidance_mode is random-range.", status=BUILT),
     opt("flux_guidance_max", "float", 4.0,
-        "Highest guidance vector drawn when flux_guidance_mode is random-range.", status=PLANNED),
+        "Highest guidance vector drawn when flux_guidance_mode is random-range.", status=BUILT),
     # T5 / SD3
     opt("t5_padding", "str", "unmodified",
         "What to do with the padded positions of T5 embeddings: overwrite them with zeros, or keep them as "
         "the encoder produced them.",
-        choices=("zero", "unmodified"), status=PLANNED),
+        choices=("zero", "unmodified"), status=BUILT),
     opt("sd3_clip_uncond_behaviour", "str", "empty_string",
         "SD3 unconditional CLIP input: the encoded empty caption, or an all-zero embedding.",
-        choices=("empty_string", "zero"), status=PLANNED),
+        choices=("empty_string", "zero"), status=BUILT),
     opt("sd3_t5_uncond_behaviour", "str", None,
         "SD3 unconditional T5 input: the encoded empty caption, or zeros. Unset follows "
         "sd3_clip_uncond_behaviour.",
-        choices=("empty_string", "zero"), status=PLANNED),
+        choices=("empty_string", "zero"), status=BUILT),
     # Sana
     opt("sana_complex_human_instruction", "str", None,
         "Instruction text that Sana prepends to each caption before encoding it with Gemma. Unset uses the "
         "family's built-in instruction; in a config file a list of strings is joined line by line.",
-        status=PLANNED),
+        status=BUILT),
     # HiDream
     opt("hidream_use_load_balancing_loss", "bool", False,
         "Add HiDream's mixture-of-experts router load-balancing term to the loss (experimental).",

@@ -38,11 +38,12 @@ OPTIONS = [
     opt("attention_mechanism", "str", "diffusers",
         "Attention kernel to use. diffusers is PyTorch's standard SDPA; the others select vendor or "
         "package kernels and some need particular GPUs or packages.",
-        choices=_ATTENTION_BACKENDS, gated_choices=_ATTENTION_REQUIREMENTS, status=PLANNED),
+        choices=_ATTENTION_BACKENDS, gated_choices=_ATTENTION_REQUIREMENTS, planned_choices=("sla",),
+        status=BUILT),
     opt("sageattention_usage", "str", "inference",
         "Where SageAttention is used. Its kernels pass no gradients to the QKV projections, so enabling "
         "it for training leaves those layers untrained.",
-        choices=("training", "inference", "training+inference"), status=PLANNED),
+        choices=("training", "inference", "training+inference"), status=BUILT),
     opt("disable_tf32", "bool", False,
         "Keep fp32 matrix maths in full IEEE precision instead of allowing TF32 on GPUs that support it.",
         status=BUILT),
@@ -125,13 +126,13 @@ OPTIONS = [
     opt("ema_validation", "str", "comparison",
         "How EMA weights appear in validation: not at all, instead of the trained weights, or side by "
         "side with them.",
-        choices=("none", "ema_only", "comparison"), status=PLANNED),
+        choices=("none", "ema_only", "comparison"), status=BUILT),
     opt("seed_for_each_device", "bool", True,
         "Give every process its own seed derived from seed (repeatable across runs); off shares one seed, "
         "which makes GPUs draw the same samples.", status=BUILT),
     opt("local_rank", "int", -1,
         "Process rank on this node, normally set by the launcher; -1 means not distributed.",
-        status=PLANNED),
+        status=BUILT),
     opt("offload_param_path", "str", None,
         "Directory for DeepSpeed ZeRO NVMe offload files; use a fast, roomy disk.", status=PLANNED),
 ]

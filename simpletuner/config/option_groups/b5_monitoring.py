@@ -23,17 +23,17 @@ OPTIONS = [
         status=BUILT),
     opt("disk_low_threshold", "str", None,
         "Free space needed before a checkpoint is saved, as bytes or a size like 500K, 50M, 100G, 1T; "
-        "unset skips the check.", status=PLANNED),
+        "unset skips the check.", status=BUILT),
     opt("disk_low_action", "str", "stop",
         "What to do when free space is below disk_low_threshold: stop with an error, wait and recheck "
         "every 30 s, or run disk_low_script.",
-        choices=("stop", "wait", "script"), status=PLANNED),
+        choices=("stop", "wait", "script"), status=BUILT),
     opt("disk_low_script", "str", None,
         "Executable run to free space when disk_low_action is script; training stops if it fails or frees "
-        "too little.", status=PLANNED),
+        "too little.", status=BUILT),
     opt("post_checkpoint_script", "str", None,
         "Command run in the background after each checkpoint is written locally. Accepts placeholders "
-        "such as {local_checkpoint_path} and {global_step}.", status=PLANNED),
+        "such as {local_checkpoint_path} and {global_step}.", status=BUILT),
     # Trackers
     opt("report_to", "str", "none",
         "Tracker that receives metrics and validation images; all sends to every supported tracker.",
@@ -48,9 +48,9 @@ OPTIONS = [
     # Webhooks
     opt("webhook_config", "str", None,
         "Webhook targets (Discord or plain HTTP) for training events, as inline JSON or a path to a JSON "
-        "file. Set SIMPLETUNER_JOB_ID to fill the payload's job_id.", status=PLANNED),
+        "file. Set SIMPLETUNER_JOB_ID to fill the payload's job_id.", status=BUILT),
     opt("webhook_reporting_interval", "int", None,
-        "Least number of seconds between progress updates sent to webhooks.", status=PLANNED),
+        "Least number of seconds between progress updates sent to webhooks.", status=BUILT),
     # Hub and other publishing
     opt("push_to_hub", "bool", False,
         "Upload the finished model to the Hugging Face Hub.", status=PLANNED),
@@ -112,5 +112,5 @@ OPTIONS = [
         "Decode a preview every this many sampling steps.", status=PLANNED),
     opt("eval_loss_disable", "bool", False,
         "Skip the evaluation-loss pass even when an eval dataset exists (CLIP scoring still runs).",
-        status=PLANNED),
+        status=BUILT),
 ]

@@ -33,6 +33,12 @@ TINY_MODULES = {
     "sd1x": "simpletuner.models.tiny.unet_families",
     "sd2x": "simpletuner.models.tiny.unet_families",
     "sdxl": "simpletuner.models.tiny.unet_families",
+    "pixart_sigma": "simpletuner.models.tiny.pixart",
+    "sana": "simpletuner.models.tiny.sana",
+    "lumina2": "simpletuner.models.tiny.lumina2",
+    "flux": "simpletuner.models.tiny.flux",
+    "sd3": "simpletuner.models.tiny.sd3",
+    "auraflow": "simpletuner.models.tiny.auraflow",
 }
 SUPPORTED_FAMILIES = tuple(TINY_MODULES)
 
@@ -64,6 +70,14 @@ def existing_model(family: str, out_dir: str) -> bool:
     return False
 
 
+def _is_clip_tokenizer(folder: str) -> bool:
+    config = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.isfile(config):
+        return False
+    with open(config, encoding="utf-8") as handle:
+        return "CLIP" in str(json.load(handle).get("tokenizer_class", ""))
+
+
 def build_tiny(family: str, out_dir: str, seed: int = 0) -> str:
     """Build the tiny pipeline for ``family`` with random weights and save it to ``out_dir``.
 
@@ -85,7 +99,7 @@ def build_tiny(family: str, out_dir: str, seed: int = 0) -> str:
     try:
         pipeline.save_pretrained(staging, safe_serialization=True)
         for name in ("tokenizer", "tokenizer_2"):
-            if os.path.isdir(os.path.join(staging, name)):
+            if _is_clip_tokenizer(os.path.join(staging, name)):
                 # Also keep the plain vocabulary files, which every CLIPTokenizer version can read.
                 write_vocab_files(os.path.join(staging, name))
         if os.path.isdir(out_dir):

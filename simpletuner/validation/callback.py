@@ -1,0 +1,244 @@
+"""The validation callback: renders, benchmark, eval loss and CLIP scores at their times.
+
+Only the main process renders, evaluates, writes files and logs; the other
+processes wait at a barrier meanwhile. What runs when:
+
+- start of training: eval datasets are cached, the CLIP model loaded and the
+  base-model benchmark rendered (or read back); with validation_on_startup a
+  first validation round follows.
+- after optimizer steps and at epoch ends: validation and evaluation rounds
+  per ``schedule.Schedule``.
+- end of training: a last validation round unless the last step just had one.
+
+validation_disable (or no prompt at all) stops rendering only: eval loss on
+eval datasets still runs on its schedule.
+
+Saved images are ``output_dir/validation_images/step<N>_<prompt>_<W>x<H>_<i>.png``:
+the benchmark render (when there is one), then the trained weights' render,
+then the EMA weights' render (ema_validation=comparison), side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from simpletuner.config.errors import ConfigError
+from simpletuner.training.callbacks import Callback
+from simpletuner.validation import benchmark as benchmarks
+from simpletuner.validation.checks import validation_errors
+from simpletuner.validation.clip_score import ClipScorer, summarize
+from simpletuner.validation.eval_loss import EvalLoss, eval_specs, open_eval_sets, tracker_values
+from simpletuner.validation.images import (IMAGES_FOLDER, Renderer, RenderKey, fixed_seed, image_name, render_keys,
+                                           round_seed, save_png, stitch)
+from simpletuner.validation.prompts import ValidationPrompt, load_prompts
+from simpletuner.validation.resolutions import parse_resolutions
+from simpletuner.validation.schedule import Schedule
+from simpletuner.validation.tracking import log_images, log_scalars
+from simpletuner.validation.weights import base_weights, validation_mode, weight_variants
+
+logger = logging.getLogger("simpletuner.validation")
+
+
+class ValidationCallback(Callback):
+    def __init__(self, settings, prompts: list[ValidationPrompt]):
+        self.settings = settings
+        self.prompts = prompts
+        self.by_name = {prompt.shortname: prompt for prompt in prompts}
+        self.renders = bool(prompts) and not settings.validation_disable
+        self.sizes = parse_resolutions(settings.validation_resolution) if self.renders else []
+        self.count = max(1, int(settings.num_validation_images or 1))
+        self.schedule = Schedule(settings)
+        self.benchmark: benchmarks.Benchmark | None = None
+        self.eval_loss: EvalLoss | None = None
+        self.clip: ClipScorer | None = None
+        self.evaluates = False  # decided identically on every process, so all reach the same barriers
+        self.last_validated: int | None = None
+        self.last_evaluated: int | None = None
+        self._rendered: dict[tuple[str, RenderKey], Image.Image] = {}  # this step's renders, for CLIP to reuse
+        self._step_seed: int | None = None
+
+    # --- hooks -------------------------------------------------------------------------------
+    def on_train_start(self, trainer) -> None:
+        wants_eval_sets = not self.settings.eval_loss_disable and bool(eval_specs(trainer.data))
+        wants_clip = self.settings.evaluation_type == "clip"
+        wants_benchmark = self.renders and not self.settings.disable_benchmark
+        wants_startup = self.renders and bool(self.settings.validation_on_startup)
+        self.evaluates = wants_eval_sets or wants_clip
+        if not (wants_eval_sets or wants_clip or wants_benchmark or wants_startup):
+            return
+        _enter_phase(trainer, "validation setup (eval caches, CLIP model, benchmark)")
+        trainer.accelerator.wait_for_everyone()
+        if trainer.accelerator.is_main_process:
+            with validation_mode(trainer):
+                if wants_eval_sets:
+                    self.eval_loss = EvalLoss(open_eval_sets(trainer), trainer.family, trainer.loss_step,
+                                              self.settings)
+                if wants_clip:
+                    self.clip = ClipScorer(self.settings.pretrained_evaluation_model_name_or_path, trainer.device)
+                if wants_benchmark:
+                    self._prepare_benchmark(trainer)
+                if wants_startup:
+                    self._validate(trainer, trainer.state.global_step)
+            self._rendered.clear()
+        if wants_startup:
+            self.last_validated = trainer.state.global_step
+        trainer.accelerator.wait_for_everyone()
+
+    def on_step_end(self, trainer, step: int, loss: float) -> None:
+        validation_due = self.schedule.validation_at_step(step)
+        if self.schedule.eval_follows_validation:
+            eval_due = validation_due
+        else:
+            eval_due = self.schedule.eval_at_step(step, self._optimizer_steps_per_epoch(trainer))
+        self._run(trainer, step, self.renders and validation_due, eval_due and self.evaluates)
+
+    def on_epoch_end(self, trainer, epoch: int) -> None:
+        due = self.schedule.validation_at_epoch_end(epoch)
+        eval_due = due and self.schedule.eval_follows_validation and self.evaluates
+        self._run(trainer, trainer.state.global_step, self.renders and due, eval_due)
+
+    def on_train_end(self, trainer, output_dir: str) -> None:
+        """Main process only (the trainer calls it there): a last round for the final weights."""
+        step = trainer.state.global_step
+        if self.renders and self.last_validated != step:
+            with validation_mode(trainer, resume_training=False):
+                self._validate(trainer, step)
+            self._rendered.clear()
+            self.last_validated = step
+
+    # --- rounds ------------------------------------------------------------------------------
+    def _run(self, trainer, step: int, validate: bool, evaluate: bool) -> None:
+        validate = validate and self.last_validated != step
+        evaluate = evaluate and self.last_evaluated != step
+        if not (validate or evaluate):
+            return
+        accelerator = trainer.accelerator
+        _enter_phase(trainer, f"validation at step {step}")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with validation_mode(trainer):
+                if validate:
+                    self._validate(trainer, step)
+                if evaluate:
+                    self._evaluate(trainer, step)
+            self._rendered.clear()
+        self.last_validated = step if validate else self.last_validated
+        self.last_evaluated = step if evaluate else self.last_evaluated
+        accelerator.wait_for_everyone()
+
+    def _optimizer_steps_per_epoch(self, trainer) -> int:
+        accumulation = int(self.settings.gradient_accumulation_steps or 1)
+        return math.ceil(trainer.data.steps_per_epoch / accumulation)
+
+    def _renderer(self, trainer, seed: int) -> Renderer:
+        denoiser = trainer.accelerator.unwrap_model(trainer.model)
+        return Renderer(trainer.family, denoiser, self.settings, trainer.device, seed, trainer.accelerator.autocast)
+
+    def _validate(self, trainer, step: int) -> None:
+        seed = round_seed(self.settings)
+        keys = render_keys(self.prompts, self.sizes, self.count)
+        panels: dict[RenderKey, list[Image.Image]] = {key: [] for key in keys}
+        if self.benchmark is not None:
+            for key in keys:
+                base = self.benchmark.beside(key)
+                panels[key].extend([base] if base is not None else [])
+        variants = weight_variants(trainer)
+        renderer = self._renderer(trainer, seed)
+        with tqdm(total=len(keys) * len(variants), desc=f"Validation (step {step})", unit="image",
+                  leave=False) as bar:
+            for label, swapped in variants:
+                with swapped():
+                    for key in keys:
+                        image = renderer.render(self.by_name[key.shortname], key)
+                        self._rendered[(label, key)] = image
+                        panels[key].append(image)
+                        bar.update(1)
+        self._save_and_log(trainer, step, panels)
+        self._step_seed = seed
+
+    def _save_and_log(self, trainer, step: int, panels: dict[RenderKey, list[Image.Image]]) -> None:
+        folder = os.path.join(self.settings.output_dir, IMAGES_FOLDER)
+        by_tag: dict[str, list[Image.Image]] = {}
+        for key, images in panels.items():
+            prompt_slug = self.by_name[key.shortname].slug
+            combined = stitch(images)
+            save_png(combined, folder, image_name(step, prompt_slug, key))
+            by_tag.setdefault(f"validation/{prompt_slug}_{key.size_label}", []).append(combined)
+        log_images(trainer.accelerator, by_tag, step)
+        logger.info("Saved %d validation images for step %d in %s", len(panels), step, folder)
+
+    def _evaluate(self, trainer, step: int) -> None:
+        label, swapped = weight_variants(trainer)[0]
+        values: dict[str, float] = {}
+        with swapped():
+            if self.eval_loss is not None and self.eval_loss.active:
+                with trainer.accelerator.autocast():
+                    results = self.eval_loss.evaluate(trainer.device)
+                values.update(tracker_values(results, bool(self.settings.eval_dataset_pooling)))
+            if self.clip is not None:
+                images, texts = self._clip_inputs(trainer, step, label)
+                values.update(summarize(self.clip.score(images, texts)))
+        log_scalars(trainer.accelerator, values, step)
+        logger.info("Evaluation at step %d: %s", step, ", ".join(f"{k}={v:.5f}" for k, v in values.items()))
+
+    def _clip_inputs(self, trainer, step: int, label: str) -> tuple[list[Image.Image], list[str]]:
+        """num_eval_images renders per prompt at the first validation size; this step's renders are reused."""
+        scored = [prompt for prompt in self.prompts if not prompt.is_unconditional]
+        keys = render_keys(scored, self.sizes[:1], max(1, int(self.settings.num_eval_images or 1)))
+        seed = self._step_seed if self._rendered else round_seed(self.settings)
+        renderer = None
+        images = []
+        for key in keys:
+            image = self._rendered.get((label, key))
+            if image is None:
+                renderer = renderer or self._renderer(trainer, seed)
+                image = renderer.render(self.by_name[key.shortname], key)
+            images.append(image)
+        return images, [self.by_name[key.shortname].text for key in keys]
+
+    # --- benchmark ---------------------------------------------------------------------------
+    def _prepare_benchmark(self, trainer) -> None:
+        seed = fixed_seed(self.settings)
+        keys = render_keys(self.prompts, self.sizes, self.count)
+        fingerprint = benchmarks.fingerprint(self.settings, self.prompts, keys, seed)
+        benchmark = benchmarks.Benchmark(self.settings.output_dir, fingerprint)
+        if benchmark.load(self.by_name, keys):
+            self.benchmark = benchmark
+            return
+        base = base_weights(trainer)
+        if base is None:
+            logger.warning("No benchmark images: this resumed full fine-tune no longer has the base model's "
+                           "weights and %s holds none for these settings.", benchmark.folder)
+            return
+        renderer = self._renderer(trainer, seed)
+        images = {}
+        with base(), tqdm(total=len(keys), desc="Benchmark (base model)", unit="image", leave=False) as bar:
+            for key in keys:
+                images[key] = renderer.render(self.by_name[key.shortname], key)
+                bar.update(1)
+        benchmark.save(self.by_name, images)
+        self.benchmark = benchmark
+
+
+def _enter_phase(trainer, phase: str) -> None:
+    """Tell the multi-process watchdog (when the trainer runs one) why the other ranks are waiting."""
+    watchdog = getattr(trainer, "watchdog", None)
+    if watchdog is not None:
+        watchdog.enter(phase)
+
+
+def build_validation_callback(settings) -> ValidationCallback | None:
+    """The CALLBACK_FACTORIES entry: stops the run on validation settings it cannot honour."""
+    errors = validation_errors(settings)
+    if errors:
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(errors[0].key, "\n".join(str(error) for error in errors))
+    if settings.validation_method != "simpletuner-local":
+        return None
+    return ValidationCallback(settings, load_prompts(settings))
