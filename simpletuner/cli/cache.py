@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from simpletuner.cli.common import build_help_parser, load_or_report, report_config_errors, setup_logging, wants_help
+from simpletuner.cli.common import build_help_parser, load_validated, report_config_errors, wants_help
 from simpletuner.config.errors import ConfigError
-from simpletuner.config.validate import validate_settings
 
 
 def main(argv: list[str]) -> int:
@@ -12,16 +11,11 @@ def main(argv: list[str]) -> int:
         build_help_parser("simpletuner cache", "Encode every dataset's latents and captions into the caches, "
                                                "then exit.").print_help()
         return 0
-    setup_logging()
-    loaded = load_or_report(argv)
+    loaded = load_validated(argv)
     if isinstance(loaded, int):
         return loaded
-    settings = loaded.settings
-    errors = validate_settings(settings)
-    if errors:
-        return report_config_errors(errors)
     try:
-        report = build_caches(settings)
+        report = build_caches(loaded.settings)
     except ConfigError as exc:
         return report_config_errors([exc])
     print(report)

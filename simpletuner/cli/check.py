@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from simpletuner.cli.common import build_help_parser, load_or_report, report_config_errors, setup_logging, wants_help
+from simpletuner.cli.common import build_help_parser, load_validated, report_config_errors, wants_help
 from simpletuner.config.errors import ConfigError
-from simpletuner.config.validate import validate_settings
 
 
 def main(argv: list[str]) -> int:
@@ -17,14 +16,10 @@ def main(argv: list[str]) -> int:
         return 0
     as_json = "--json" in argv
     argv = [a for a in argv if a != "--json"]
-    setup_logging()
-    loaded = load_or_report(argv)
+    loaded = load_validated(argv)
     if isinstance(loaded, int):
         return loaded
     settings = loaded.settings
-    errors = validate_settings(settings)
-    if errors:
-        return report_config_errors(errors)
     if as_json:
         print(json.dumps(settings.as_dict(), default=str, sort_keys=True))
     out = sys.stderr if as_json else sys.stdout

@@ -32,6 +32,18 @@ def load_or_report(argv: list[str]) -> LoadedConfig | int:
         return report_config_errors([exc])
 
 
+def load_validated(argv: list[str]) -> LoadedConfig | int:
+    """Settings from every source, checked by every rule; or the exit status after printing the problems."""
+    from simpletuner.config.validate import validate_settings
+
+    setup_logging()
+    loaded = load_or_report(argv)
+    if isinstance(loaded, int):
+        return loaded
+    errors = validate_settings(loaded.settings)
+    return report_config_errors(errors) if errors else loaded
+
+
 def build_help_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """An argparse parser whose only job is printing --help from the option table."""
     from simpletuner.config.options import GROUP_ORDER, OPTIONS
