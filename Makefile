@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PY) -m simpletuner.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -p no:cacheprovider
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

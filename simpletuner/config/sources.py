@@ -85,6 +85,18 @@ _ASSIGNMENT = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 
 def read_env_file(path: str, environ: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
     """Parse a shell-style config.env. Returns (options, extra_args) where extra_args come from TRAINER_EXTRA_ARGS."""
+    variables = read_env_variables(path, environ)
+    options: dict[str, Any] = {}
+    extra_args: list[str] = shlex.split(variables.pop("TRAINER_EXTRA_ARGS", ""))
+    for name, value in variables.items():
+        option = env_variable_option(name)
+        if option:
+            options[option] = value
+    return options, extra_args
+
+
+def read_env_variables(path: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """Every NAME=value assignment of a config.env, expanded, its words joined by single spaces."""
     variables: dict[str, str] = {}
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -100,13 +112,16 @@ def read_env_file(path: str, environ: Mapping[str, str]) -> tuple[dict[str, Any]
             except ValueError as exc:
                 raise ConfigError(path, f"{path} line {number}: {exc} (check the quotes).") from None
             variables[name] = " ".join(words)
-    options: dict[str, Any] = {}
-    extra_args: list[str] = shlex.split(variables.pop("TRAINER_EXTRA_ARGS", ""))
-    for name, value in variables.items():
-        option = env_variable_option(name)
-        if option:
-            options[option] = value
-    return options, extra_args
+    return variables
+
+
+def launcher_variable(name: str, config_path: str | None, environ: Mapping[str, str]) -> str:
+    """A launcher variable such as ACCELERATE_EXTRA_ARGS: from the environment, else from a config.env file."""
+    if environ.get(name, "") != "":
+        return environ[name]
+    if config_path and config_path.endswith(".env") and os.path.isfile(config_path):
+        return read_env_variables(config_path, environ).get(name, "")
+    return ""
 
 
 def _expand(raw: str, variables: Mapping[str, str]) -> str:

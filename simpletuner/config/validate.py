@@ -130,9 +130,23 @@ def integration_errors(settings: Settings) -> list[ConfigError]:
     return check(settings)
 
 
+def controlnet_errors(settings: Settings) -> list[ConfigError]:
+    """ControlNet options that cannot work together or with the chosen family; masked-loss probability range."""
+    from simpletuner.models.controlnets import controlnet_problems
+
+    return controlnet_problems(settings)
+
+
 def validation_errors(settings: Settings) -> list[ConfigError]:
     """Validation prompts, resolutions, samplers and eval datasets that cannot work."""
     from simpletuner.validation.checks import validation_errors as check
+
+    return check(settings)
+
+
+def engine_errors(settings: Settings) -> list[ConfigError]:
+    """Text-encoder training and layer freezing that cannot work."""
+    from simpletuner.training.engine_checks import engine_errors as check
 
     return check(settings)
 
@@ -143,8 +157,10 @@ CHECKS: list[Callable[[Settings], list[ConfigError]]] = [
     combination_errors,
     adapter_errors,
     family_errors,
+    controlnet_errors,
     integration_errors,
     validation_errors,
+    engine_errors,
 ]
 
 

@@ -53,13 +53,14 @@ class BatchAssembler:
     def __init__(self, latent_caches: Mapping[str, LatentCache],
                  text_cache: TextEmbedCache | Mapping[str, TextEmbedCache], settings, family=None,
                  storages: Mapping[str, Any] | None = None, *, specs: Mapping[str, Any] | None = None,
-                 encode_missing: bool | None = None, load_fn=None):
+                 encode_missing: bool | None = None, load_fn=None, conditioning=None):
         """``text_cache`` is one cache for every dataset, or a mapping dataset id -> cache.
 
         ``encode_missing`` (default: vae_cache_ondemand or vae_cache_disable)
         lets latents without a cache entry be encoded at batch time with
         ``family.encode_images``; ``vae_cache_disable`` also skips reading and
-        writing the latent cache.
+        writing the latent cache. ``conditioning`` (a ``ConditioningData``) adds
+        control inputs and loss masks from conditioning datasets.
         """
         self.latent_caches = dict(latent_caches)
         self.text_cache = text_cache
@@ -70,6 +71,8 @@ class BatchAssembler:
         if encode_missing is None:
             encode_missing = self.cache_disabled or bool(_setting(settings, "vae_cache_ondemand", False))
         self.encode_missing = encode_missing
+        self.conditioning = (conditioning.source(settings, family, encode_missing, self.cache_disabled)
+                             if conditioning is not None else None)
         global_dropout = float(_setting(settings, "caption_dropout_probability", 0.0))
         self.dropout = {dataset_id: float(_setting(spec, "caption_dropout_probability", global_dropout))
                         for dataset_id, spec in (specs or {}).items()}
@@ -85,14 +88,16 @@ class BatchAssembler:
         captions = [self.pick_caption(record, generator) for record in records]
         latents = self._latents(records)
         text = self._text(records, captions)
-        return TrainingBatch(
+        batch = TrainingBatch(
             latents=torch.stack(latents),
             text=text,
             original_sizes=[(r.original_size[1], r.original_size[0]) for r in records],
             crop_coords=[tuple(r.crop_offset) for r in records],
             target_sizes=[(r.target_size[1], r.target_size[0]) for r in records],
             sample_ids=[r.sample_id for r in records],
+            captions=captions,
         )
+        return self.conditioning.apply(batch, records, generator) if self.conditioning is not None else batch
 
     def pick_caption(self, record: ImageRecord, generator: torch.Generator) -> str:
         """One of the record's captions at random, or "" with the dataset's caption dropout probability."""
@@ -110,6 +115,8 @@ class BatchAssembler:
             self._written_since_flush = 0
         for dataset_id in names:
             self.latent_caches[dataset_id].flush()
+        if self.conditioning is not None:
+            self.conditioning.flush()
 
     # --- latents ---
     def _latents(self, records: list[ImageRecord]) -> list[torch.Tensor]:

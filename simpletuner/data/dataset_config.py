@@ -21,6 +21,7 @@ import os
 from typing import Any
 
 from simpletuner.config.errors import ConfigError
+from simpletuner.data.conditioning_config import CONDITIONING, check_conditioning
 from simpletuner.data.dataset_spec import KEY_ALIASES, KEYS, PARQUET_KEYS, PATH_KEYS, VALUE_ALIASES, SHUFFLE_KEYS, DatasetSpec
 
 __all__ = ["DatasetConfigError", "DatasetSpec", "load_dataset_config", "enabled_datasets", "training_datasets",
@@ -94,6 +95,7 @@ def load_dataset_config(path: str, settings) -> list[DatasetSpec]:
     problems.raise_if_any()
     specs = _link_text_embeds(specs, settings, problems)
     _check_links(specs, problems)
+    check_conditioning(specs, settings, problems)
     problems.raise_if_any()
     return specs
 
@@ -323,7 +325,7 @@ def _resolve_cache_folders(resolved: dict[str, Any], settings) -> None:
     base = _setting(settings, "cache_dir") or "cache"
     if dataset_type == "text_embeds" and resolved.get("cache_dir") is None:
         resolved["cache_dir"] = _text_cache_default(settings)
-    if dataset_type in PRIMARY_DATASET_TYPES and resolved.get("cache_dir_vae") is None:
+    if dataset_type in (*PRIMARY_DATASET_TYPES, CONDITIONING) and resolved.get("cache_dir_vae") is None:
         global_vae = _setting(settings, "cache_dir_vae", "")
         root = global_vae if global_vae else os.path.join(base, "vae")
         resolved["cache_dir_vae"] = os.path.join(root, _safe_name(resolved["id"]))

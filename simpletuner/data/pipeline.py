@@ -87,6 +87,7 @@ class DataPipeline:
     text_plans: dict[str, TextCachePlan] = field(default_factory=dict)
     sampler: MultiDatasetSampler | None = None
     assembler: BatchAssembler | None = None
+    conditioning: Any = None  # ConditioningData when image datasets link conditioning datasets
     _stream: BatchStream | None = field(default=None, repr=False)
 
     # --- captions and plans ---
@@ -122,6 +123,9 @@ class DataPipeline:
                 if not on_demand:
                     for state in self.datasets.values():
                         self._build_latents(state, family, progress)
+                    if self.conditioning is not None:
+                        self.conditioning.build_latents(family, self.indexes(),
+                                                        int(_setting(self.settings, "vae_batch_size", 4)), progress)
                 for cache_id, cache in self.text_caches.items():
                     batch = int(_setting(self.specs.get(cache_id), "write_batch_size",
                                          _setting(self.settings, "write_batch_size", 128)))
@@ -169,7 +173,7 @@ class DataPipeline:
             {i: s.latent_cache for i, s in self.datasets.items()},
             {i: self.text_caches[s.text_cache_id] for i, s in self.datasets.items()},
             settings, family=family, storages={i: s.storage for i, s in self.datasets.items()},
-            specs=self.specs, encode_missing=True if clear_each_epoch else None)
+            specs=self.specs, encode_missing=True if clear_each_epoch else None, conditioning=self.conditioning)
 
     def stream(self) -> BatchStream:
         """The batch source for training: a ``Prefetcher`` when dataloader_prefetch is set."""
@@ -198,6 +202,8 @@ class DataPipeline:
                 continue
             if state.latent_cache is not None and not resumed and is_main_process():
                 removed = state.latent_cache.clear()
+                if self.conditioning is not None:
+                    removed += self.conditioning.clear_latents(dataset_id)
                 logger.info("epoch %d: removed %d cached latents of %s (vae_cache_clear_each_epoch)",
                             epoch, removed, dataset_id)
             replanned = replan_for_epoch(state.index, state.spec, self.settings, epoch)
@@ -205,6 +211,9 @@ class DataPipeline:
                 state.index = replanned
                 updates[dataset_id] = replanned
         return updates
+
+    def indexes(self) -> dict[str, DatasetIndex]:
+        return {dataset_id: state.index for dataset_id, state in self.datasets.items()}
 
     @property
     def needs_vae_for_batches(self) -> bool:
@@ -240,6 +249,8 @@ class DataPipeline:
             if pruned:
                 lines.append("  buckets dropped (too few for one batch): "
                              + ", ".join(f"{bucket} ({count})" for bucket, count in pruned))
+        if self.conditioning is not None:
+            lines.extend(self.conditioning.report_lines(self.indexes()))
         for cache_id, plan in self.text_plans.items():
             lines.append(f"Text embeds {cache_id!r} ({self.text_caches[cache_id].store.storage.root}): "
                          f"{plan.summary()}")
@@ -331,6 +342,7 @@ def prepare_data(settings, family=None, rank: int = 0, world_size: int = 1, prog
     missing cache entries. ``extra_prompts`` join the default text cache
     besides "" and the validation prompts.
     """
+    from simpletuner.data.conditioning import open_conditioning
     from simpletuner.data.dataset_config import load_dataset_config, training_datasets
 
     specs = load_dataset_config(settings.data_backend_config, settings)
@@ -345,6 +357,7 @@ def prepare_data(settings, family=None, rank: int = 0, world_size: int = 1, prog
     specs = [s for s in specs if not s.disabled]
     pipeline = DataPipeline(settings, {s.id: s for s in specs}, datasets, text_caches, fingerprint, rank, world_size,
                             extra_prompts=[*validation_prompts(settings), *extra_prompts])
+    pipeline.conditioning = open_conditioning(specs, pipeline.indexes(), settings, fingerprint)
     pipeline.refresh_plans()
     if build is None:
         build = family is not None and family.components is not None

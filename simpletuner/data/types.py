@@ -78,7 +78,12 @@ class TrainingBatch:
     crop_coords: list[tuple[int, int]]  # (top, left)
     target_sizes: list[tuple[int, int]]
     sample_ids: list[str]
-    loss_mask: torch.Tensor | None = None
+    loss_mask: torch.Tensor | None = None  # (B, 1, H, W) pixel-space weights, 1 = learn (mask conditioning)
+    # A ControlNet's control input (conditioning datasets): the paired images in [-1, 1], or their VAE latents.
+    conditioning_pixels: torch.Tensor | None = None
+    conditioning_latents: torch.Tensor | None = None
+    # The caption chosen for each sample ("" when dropped): families re-encode these when text encoders train.
+    captions: list[str] | None = None
 
     @property
     def size(self) -> int:
@@ -100,4 +105,7 @@ class TrainingBatch:
             target_sizes=self.target_sizes,
             sample_ids=self.sample_ids,
             loss_mask=move(self.loss_mask),
+            conditioning_pixels=move(self.conditioning_pixels),
+            conditioning_latents=move(self.conditioning_latents),
+            captions=self.captions,
         )

@@ -96,6 +96,16 @@ class ModelFamily:
         """The denoiser's output for noisy latents at timesteps, conditioned on batch.text and micro-conditioning."""
         raise NotImplementedError
 
+    @staticmethod
+    def control_kwargs(batch: TrainingBatch) -> dict:
+        """The ControlNet input a batch carries, as the extra keyword of a ControlNet-wrapped denoiser.
+
+        Families pass it along in their denoiser call; without conditioning data it is empty.
+        (training/controlnet_model.py: ``ControlledDenoiser``.)
+        """
+        control = batch.conditioning_latents if batch.conditioning_latents is not None else batch.conditioning_pixels
+        return {} if control is None else {"control": control}
+
     # --- inference and saving ---
     def pipeline_call_arguments(self) -> dict:
         """Keyword arguments a pipeline call needs to encode prompts the way training did (e.g. text length)."""

@@ -142,6 +142,12 @@ class Flux(ModelFamily):
         if flavour == "libreflux" and not settings.flux_attention_masked_training:
             problems.append("model_flavour=libreflux was trained with masked T5 attention; "
                             "set flux_attention_masked_training=true")
+        if flavour == "schnell" and not settings.flux_fast_schedule and not settings.i_know_what_i_am_doing:
+            problems.append("model_flavour=schnell is distilled for a few fixed sigmas; set flux_fast_schedule=true "
+                            "(or i_know_what_i_am_doing=true to train it on the full schedule)")
+        if settings.train_text_encoder:
+            problems.append("train_text_encoder is not supported for model_family=flux (CLIP and T5 stay frozen); "
+                            "set train_text_encoder to false")
         return problems
 
     # --- loading ---
@@ -330,6 +336,7 @@ class Flux(ModelFamily):
             txt_ids=torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype),
             joint_attention_kwargs=self.attention_kwargs(batch.text, (height // 2) * (width // 2), device),
             return_dict=False,
+            **self.control_kwargs(batch),
         )[0]
         return unpack_latents(tokens, height, width)
 

@@ -38,8 +38,9 @@ FLUX_LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "nano": ("single_transformer_blocks.7.proj_out",),
 }
 
-# Choices that need a Flux ControlNet, which this trainer does not build yet.
-PLANNED_FLUX_LORA_TARGETS = ("controlnet", "all+ffs+embedder+controlnet")
+# Choices that only mean something for a Flux ControlNet (controlnet=true): "controlnet" trains just the
+# ControlNet's own layers, the other adds them to the all+ffs+embedder LoRA on its copied blocks.
+CONTROLNET_FLUX_LORA_TARGETS = {"controlnet": (), "all+ffs+embedder+controlnet": FLUX_LORA_TARGETS["all+ffs+embedder"]}
 
 DEFAULT_FLUX_LORA_TARGET = "all"
 
@@ -47,10 +48,18 @@ DEFAULT_FLUX_LORA_TARGET = "all"
 def flux_lora_targets(choice: str | None) -> list[str]:
     """The module names for a flux_lora_target value (unset means the default, ``all``)."""
     choice = choice or DEFAULT_FLUX_LORA_TARGET
-    if choice in PLANNED_FLUX_LORA_TARGETS:
-        raise ValueError(f"flux_lora_target={choice} needs ControlNet training, which is not implemented yet; "
+    if choice in CONTROLNET_FLUX_LORA_TARGETS:
+        raise ValueError(f"flux_lora_target={choice} applies to ControlNet training; set controlnet=true, or "
                          f"choose one of: {', '.join(FLUX_LORA_TARGETS)}")
     if choice not in FLUX_LORA_TARGETS:
         raise ValueError(f"flux_lora_target={choice!r} is not a Flux LoRA preset; choose one of: "
                          f"{', '.join(FLUX_LORA_TARGETS)}")
     return list(FLUX_LORA_TARGETS[choice])
+
+
+def flux_controlnet_lora_targets(choice: str | None) -> list[str]:
+    """LoRA targets on a Flux ControlNet's copied blocks; its own layers (controlnet_*) always train in full."""
+    choice = choice or DEFAULT_FLUX_LORA_TARGET
+    if choice in CONTROLNET_FLUX_LORA_TARGETS:
+        return list(CONTROLNET_FLUX_LORA_TARGETS[choice])
+    return flux_lora_targets(choice)

@@ -203,12 +203,17 @@ class UNetLatentFamily(ModelFamily):
 
         tokenizer_max_length does not apply: CLIP has exactly 77 positions.
         """
+        with torch.no_grad():
+            return self.encode_text_for_training(prompts)
+
+    def encode_text_for_training(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """``encode_text`` keeping the autograd graph, so trained text encoders get gradients."""
+        if not self.supports_text_encoder_training:
+            raise NotImplementedError(f"model_family={self.name} cannot train its text encoders")
         components = self._loaded()
         tokenizer, encoder = components.tokenizers[0], components.text_encoders[0]
-        with torch.no_grad():
-            ids = self._tokenize(tokenizer, list(prompts), encoder.device)
-            hidden = encoder(ids)[0]
-        return {"prompt_embeds": hidden}
+        ids = self._tokenize(tokenizer, list(prompts), encoder.device)
+        return {"prompt_embeds": encoder(ids)[0]}
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """VAE posterior mean times the scaling factor.
@@ -249,6 +254,7 @@ class UNetLatentFamily(ModelFamily):
             encoder_hidden_states=batch.text["prompt_embeds"].to(device=device, dtype=dtype),
             added_cond_kwargs=self._added_conditions(batch, dtype, device),
             return_dict=False,
+            **self.control_kwargs(batch),
         )[0]
 
     # --- inference and saving ---

@@ -364,6 +364,7 @@ class StableDiffusion3(FlowTransformerFamily):
             pooled_projections=batch.text["pooled_prompt_embeds"].to(device=device, dtype=dtype),
             timestep=self._flow_timesteps(timesteps, noisy_latents),
             return_dict=False,
+            **self.control_kwargs(batch),
         )[0]
 
     # --- inference ---

@@ -117,17 +117,19 @@ class StableDiffusionXL(UNetLatentFamily):
         return tokenizers, encoders
 
     # --- encoders ---
-    def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Both encoders' penultimate hidden states, concatenated; pooled output from the second."""
+    def encode_text_for_training(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Both encoders' penultimate hidden states, concatenated; pooled output from the second.
+
+        ``encode_text`` (inherited) runs this without gradients.
+        """
         components = self._loaded()
         hidden_states = []
         pooled = None
-        with torch.no_grad():
-            for tokenizer, encoder in zip(components.tokenizers, components.text_encoders):
-                ids = self._tokenize(tokenizer, list(prompts), encoder.device)
-                output = encoder(ids, output_hidden_states=True)
-                hidden_states.append(output.hidden_states[-2])
-                pooled = output[0]  # CLIPTextModelWithProjection: the projected pooled embedding
+        for tokenizer, encoder in zip(components.tokenizers, components.text_encoders):
+            ids = self._tokenize(tokenizer, list(prompts), encoder.device)
+            output = encoder(ids, output_hidden_states=True)
+            hidden_states.append(output.hidden_states[-2])
+            pooled = output[0]  # CLIPTextModelWithProjection: the projected pooled embedding
         return {"prompt_embeds": torch.cat(hidden_states, dim=-1), "pooled_prompt_embeds": pooled}
 
     # --- training ---

@@ -18,6 +18,7 @@ CALLBACK_FACTORIES: list[str] = [
     "simpletuner.integrations.disk_guard:disk_guard_callback",
     "simpletuner.integrations.user_scripts:post_checkpoint_callback",
     "simpletuner.training.checkpointing:interval_callback",
+    "simpletuner.training.text_encoder_training:text_encoder_limit_callback",
 ]
 
 

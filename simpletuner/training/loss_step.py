@@ -12,6 +12,7 @@ from simpletuner.config.settings import Settings
 from simpletuner.data.types import TrainingBatch
 from simpletuner.models.base import ModelFamily
 from simpletuner.training import losses, noise
+from simpletuner.training.distributed import BatchShard
 
 
 class LossStep:
@@ -24,20 +25,25 @@ class LossStep:
         self.flow = family.flow_matching or self.prediction_type == "flow_matching"
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
 
-    def __call__(self, batch: TrainingBatch, step: int, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, batch: TrainingBatch, step: int, generator: torch.Generator,
+                 shard: BatchShard = BatchShard()) -> torch.Tensor:
+        """``shard``: in multi-process runs, draw noise and timesteps for the global batch and keep this rank's rows."""
         latents = batch.latents.float()
-        clean_noise = noise.make_noise(latents, self.settings, generator)
+        drawn_for = shard.global_like(latents)
+        clean_noise = noise.make_noise(drawn_for, self.settings, generator)
         if self.flow:
-            sigmas = noise.sample_flow_sigmas(latents.shape[0], self.settings, generator, latents.device,
+            sigmas = noise.sample_flow_sigmas(drawn_for.shape[0], self.settings, generator, latents.device,
                                               image_seq_len=self._image_seq_len(latents))
-            timesteps = sigmas * self.num_train_timesteps
             model_noise = noise.perturb_noise(clean_noise, self.settings, step, generator)
+            clean_noise, model_noise, sigmas = shard.rows(clean_noise, model_noise, sigmas)
+            timesteps = sigmas * self.num_train_timesteps
             noisy = noise.flow_noisy_latents(latents, model_noise, sigmas)
             target = noise.flow_target(latents, clean_noise)
         else:
-            timesteps = noise.sample_timesteps(latents.shape[0], self.num_train_timesteps, self.settings, generator,
+            timesteps = noise.sample_timesteps(drawn_for.shape[0], self.num_train_timesteps, self.settings, generator,
                                                latents.device, step=step)
             model_noise = noise.perturb_noise(clean_noise, self.settings, step, generator)
+            clean_noise, model_noise, timesteps = shard.rows(clean_noise, model_noise, timesteps)
             noisy = noise.add_noise(self.scheduler, latents, model_noise, timesteps)
             target = losses.training_target(self.prediction_type, self.scheduler, latents, clean_noise, timesteps)
         prediction = self.family.predict(batch, noisy.to(self.weight_dtype), timesteps)

@@ -171,6 +171,8 @@ def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: to
                    settings: Settings, prediction_type: str, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Scalar training loss: element-wise loss -> (masked) per-sample mean -> min-SNR weight -> batch mean.
 
+    Without min-SNR weighting, a DDPM-style (not flow-matching) loss is multiplied by ``snr_weight`` instead.
+
     ``mask`` (B, 1, h, w), 1 = train on this pixel, is resized to the prediction's
     spatial size if needed; each sample's loss is the mean over its masked-in elements.
     """
@@ -185,4 +187,6 @@ def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: to
     weights = min_snr_weights(scheduler, timesteps, settings, prediction_type)
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample.device)
+    elif prediction_type != "flow_matching":
+        per_sample = per_sample * float(1.0 if settings.snr_weight is None else settings.snr_weight)
     return per_sample.mean()

@@ -39,10 +39,20 @@ class TrainableModel:
         """Write the finished result into folder (unwrapped module)."""
         raise NotImplementedError
 
+    def param_groups(self, learning_rate: float) -> list[dict]:
+        """Optimizer parameter groups; parts with their own learning rate (text encoders) add groups."""
+        return [{"params": self.parameters, "lr": learning_rate}]
+
+    def prepare_batch(self, batch):
+        """The batch the loss step sees (text encoders in training re-encode its captions)."""
+        return batch
+
     def _collect_parameters(self) -> None:
         self.parameters = adapters.trainable_parameters(self.module)
         for parameter in self.parameters:
-            parameter.data = parameter.data.float()  # trainable weights stay float32 under mixed precision
+            # Trained weights stay float32 under mixed precision, so their gradients accumulate in float32
+            # whatever gradient_precision says.
+            parameter.data = parameter.data.float()
 
 
 class PeftLora(TrainableModel):
@@ -79,6 +89,8 @@ class PeftLora(TrainableModel):
 class FullModel(TrainableModel):
     def attach(self) -> None:
         self.module.requires_grad_(True)
+        if self.settings.layer_freeze_strategy == "bitfit":
+            freeze_all_but_biases(self.module)
         self._collect_parameters()
 
     def state_dict(self, module):
@@ -92,7 +104,26 @@ class FullModel(TrainableModel):
         self.family.build_pipeline(denoiser=module).save_pretrained(folder, safe_serialization=True)
 
 
+def freeze_all_but_biases(module: torch.nn.Module) -> None:
+    """BitFit (layer_freeze_strategy=bitfit): only the bias terms keep training."""
+    for name, parameter in module.named_parameters():
+        parameter.requires_grad_(name.rsplit(".", 1)[-1] == "bias")
+
+
 def make_trainable(family, settings: Settings) -> TrainableModel:
+    if settings.controlnet:
+        from simpletuner.training.controlnet import ControlNetTrainable
+
+        return ControlNetTrainable(family, settings)
+    trained = _denoiser_trainable(family, settings)
+    if settings.train_text_encoder:
+        from simpletuner.training.text_encoder_training import WithTextEncoders
+
+        return WithTextEncoders(trained)
+    return trained
+
+
+def _denoiser_trainable(family, settings: Settings) -> TrainableModel:
     if settings.model_type == "full":
         return FullModel(family, settings)
     if settings.lora_type == "lycoris":

@@ -13,7 +13,7 @@ import os
 import torch
 
 from simpletuner.config.settings import Settings
-from simpletuner.training import checkpoints, lr_schedules, optimizers
+from simpletuner.training import checkpoints, compilation, distributed, lr_schedules, optimizers, run_length
 from simpletuner.training.accelerator import build_accelerator, weight_dtype_for
 from simpletuner.training.callbacks import build_callbacks
 from simpletuner.training.loss_step import LossStep
@@ -33,22 +33,29 @@ class Trainer:
 
     def run(self) -> RunState:
         self.setup_accelerator()
-        self.setup_model()
-        self.setup_data()
-        self.setup_trainable()
-        self.setup_optimization()
-        self.resume_if_requested()
-        self.callbacks = build_callbacks(self.settings)
-        self.callbacks.on_train_start(self)
-        self.train()
-        self.finish()
+        self.callbacks = None
+        with self.watchdog:  # multi-process runs: stop, naming the rank, when another rank is lost
+            try:
+                for step in (self.setup_model, self.setup_data, self.setup_trainable, self.setup_optimization,
+                             self.resume_if_requested, self.setup_callbacks, self.train, self.finish):
+                    self.watchdog.enter(step.__name__)
+                    step()
+            except BaseException as error:
+                if self.callbacks is not None:  # e.g. webhooks report the failure
+                    self.callbacks.on_error(self, error)
+                raise
         return self.state
 
     # --- setup -------------------------------------------------------------------------
     def setup_accelerator(self) -> None:
+        distributed.init_process_state()
         self.accelerator = build_accelerator(self.settings)
+        distributed.refuse_unsupported_sharding(self.accelerator, self.settings)
+        compilation.disable_accelerate_compile(self.accelerator)  # compile_denoiser does it, in place
         self.device = self.accelerator.device
         self.weight_dtype = weight_dtype_for(self.settings)
+        self.watchdog = distributed.start_watchdog(self.accelerator, self.settings)
+        self.sample_log = distributed.SampleIdLog.for_run(self.settings, self.accelerator.process_index)
 
     def setup_model(self) -> None:
         from simpletuner.models.registry import get_family
@@ -63,6 +70,7 @@ class Trainer:
 
         self.data = prepare_data(self.settings, family=self.family, rank=self.accelerator.process_index,
                                  world_size=self.accelerator.num_processes, progress=self.accelerator.is_main_process)
+        distributed.log_cache_work(self.data, self.accelerator.process_index)
         if not self.settings.keep_vae_loaded and not self.data.needs_vae_for_batches:
             self.components.vae.to("cpu")
 
@@ -71,6 +79,7 @@ class Trainer:
         self.trained.attach()
         if self.settings.gradient_checkpointing and hasattr(self.trained.module, "enable_gradient_checkpointing"):
             self.trained.module.enable_gradient_checkpointing()
+        compilation.compile_denoiser(self.components.denoiser, self.settings)
         self.trainable = self.trained.parameters
         self.ema = None
         if self.settings.use_ema:
@@ -81,7 +90,7 @@ class Trainer:
     def setup_optimization(self) -> None:
         settings = self.settings
         learning_rate = lr_schedules.scaled_learning_rate(settings, self.accelerator.num_processes)
-        groups = [{"params": self.trainable, "lr": learning_rate}]
+        groups = self.trained.param_groups(learning_rate)
         self.optimizer = optimizers.build_optimizer(settings.replace(learning_rate=learning_rate), groups)
         self.total_steps = self._total_steps()
         # Stepped by the trainer once per optimizer step, so it counts optimizer steps on every process.
@@ -92,6 +101,7 @@ class Trainer:
         if settings.optimizer_release_gradients:
             optimizers.prepare_gradient_release(self.trained.module, self.optimizer)
         self.loss_step = LossStep(self.family, settings, self.weight_dtype)
+        self.noise_shard = distributed.noise_shard(self.accelerator, settings)
 
     def _total_steps(self) -> int:
         if self.settings.max_train_steps:
@@ -106,21 +116,30 @@ class Trainer:
         self.state.restore(self, path)
         logger.info("Resumed from %s at step %d (epoch %d)", path, self.state.global_step, self.state.epoch)
 
+    def setup_callbacks(self) -> None:
+        self.callbacks = build_callbacks(self.settings)
+        self.callbacks.on_train_start(self)
+
     # --- loop --------------------------------------------------------------------------
     def train(self) -> None:
         settings, accelerator = self.settings, self.accelerator
         optimizers.optimizer_train_mode(self.optimizer)
         progress = TrainingProgress(settings, accelerator, self.total_steps, self.state.global_step)
         self.model.train()
+        last_epoch = run_length.final_epoch(settings, self.total_steps, self.data.steps_per_epoch)
         while self.state.global_step < self.total_steps:
             prepared = self.data.next_batch()
+            if run_length.past_final_epoch(prepared.epoch, last_epoch):
+                break
             if prepared.epoch != self.state.epoch:
                 self._after_epoch(self.state.epoch)
                 self.state.epoch = prepared.epoch
+            self.watchdog.enter(f"training step {self.state.global_step + 1}")
             generator = torch.Generator().manual_seed(self._step_seed())
             batch = prepared.batch.to(self.device)
             with accelerator.accumulate(self.model), accelerator.autocast():
-                loss = self.loss_step(batch, self.state.global_step, generator)
+                loss = self.loss_step(self.trained.prepare_batch(batch), self.state.global_step, generator,
+                                      self.noise_shard)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     self._clip_gradients()
@@ -129,14 +148,15 @@ class Trainer:
                     self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=bool(settings.set_grads_to_none))
             self.state.accumulate_loss(loss.detach(), batch.sample_ids)
+            self.sample_log.record(self.state.global_step + 1, self.state.micro_step, batch.sample_ids)
             if accelerator.sync_gradients:
                 self._after_optimizer_step(progress)
         progress.close()
 
     def _step_seed(self) -> int:
+        """The same on every rank: ranks differ through their rows of the draws (see noise_shard)."""
         seed = self.settings.seed or 0
-        rank = self.accelerator.process_index if self.settings.seed_for_each_device else 0
-        return (seed * 1_000_003 + self.state.micro_step * 7919 + rank) % (2**63 - 1)
+        return (seed * 1_000_003 + self.state.micro_step * 7919) % (2**63 - 1)
 
     def _clip_gradients(self) -> None:
         limit = self.settings.max_grad_norm
@@ -179,6 +199,7 @@ class Trainer:
         return bool(rolling) and step % int(rolling) == 0 and not (regular and step % int(regular) == 0)
 
     def save_checkpoint(self) -> str | None:
+        self.watchdog.enter("save_checkpoint")
         self.accelerator.wait_for_everyone()
         path = None
         if self.accelerator.is_main_process:
@@ -199,4 +220,6 @@ class Trainer:
             logger.info("Saved results to %s", os.path.abspath(self.settings.output_dir))
             self.callbacks.on_train_end(self, self.settings.output_dir)
         self.data.close()
+        self.sample_log.close()
+        distributed.close_watchdog(self.watchdog, self.accelerator)
         self.accelerator.end_training()

@@ -27,13 +27,14 @@ RENDER_SETTINGS = ("model_family", "model_flavour", "pretrained_model_name_or_pa
                    "validation_guidance_real", "validation_guidance_skip_layers", "validation_guidance_skip_scale",
                    "validation_guidance_skip_layers_start", "validation_guidance_skip_layers_stop",
                    "validation_negative_prompt", "validation_noise_scheduler", "validation_seed_source",
-                   "prediction_type", "mixed_precision")
+                   "validation_no_cfg_until_timestep", "prediction_type", "mixed_precision")
 
 
 def fingerprint(settings, prompts: list[ValidationPrompt], keys: list[RenderKey], seed: int) -> str:
     identity = {
         "settings": {name: getattr(settings, name) for name in RENDER_SETTINGS},
-        "prompts": [[p.shortname, p.text] for p in prompts],
+        "prompts": [[p.shortname, p.text, p.input_source] if p.input_source else [p.shortname, p.text]
+                    for p in prompts],
         "keys": [[k.shortname, k.width, k.height, k.index] for k in keys],
         "seed": seed,
     }

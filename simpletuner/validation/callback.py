@@ -15,7 +15,10 @@ eval datasets still runs on its schedule.
 
 Saved images are ``output_dir/validation_images/step<N>_<prompt>_<W>x<H>_<i>.png``:
 the benchmark render (when there is one), then the trained weights' render,
-then the EMA weights' render (ema_validation=comparison), side by side.
+then the EMA weights' render (ema_validation=comparison), side by side; with
+validation adapters, that row repeats per adapter run (``adapter_specs``).
+With validation_using_datasets, dataset images join the prompts and render
+image-to-image, their input shown at validation_stitch_input_location.
 """
 
 from __future__ import annotations
@@ -30,12 +33,17 @@ from tqdm.auto import tqdm
 from simpletuner.config.errors import ConfigError
 from simpletuner.training.callbacks import Callback
 from simpletuner.validation import benchmark as benchmarks
-from simpletuner.validation.checks import validation_errors
+from simpletuner.validation.adapter_loading import adapter_option, check_runs, run_attached
+from simpletuner.validation.adapter_specs import AdapterRun, adapter_runs
+from simpletuner.validation.checks import EXTERNAL_METHOD, validation_errors
 from simpletuner.validation.clip_score import ClipScorer, summarize
+from simpletuner.validation.compiled import ValidationCompiler
+from simpletuner.validation.dataset_inputs import dataset_prompts, input_dataset_ids
 from simpletuner.validation.eval_loss import EvalLoss, eval_specs, open_eval_sets, tracker_values
-from simpletuner.validation.images import (IMAGES_FOLDER, Renderer, RenderKey, fixed_seed, image_name, render_keys,
-                                           round_seed, save_png, stitch)
+from simpletuner.validation.images import (IMAGES_FOLDER, RenderKey, fixed_seed, image_name, render_keys, round_seed,
+                                           save_png, stitch, with_input)
 from simpletuner.validation.prompts import ValidationPrompt, load_prompts
+from simpletuner.validation.renderer import Renderer
 from simpletuner.validation.resolutions import parse_resolutions
 from simpletuner.validation.schedule import Schedule
 from simpletuner.validation.tracking import log_images, log_scalars
@@ -49,10 +57,13 @@ class ValidationCallback(Callback):
         self.settings = settings
         self.prompts = prompts
         self.by_name = {prompt.shortname: prompt for prompt in prompts}
-        self.renders = bool(prompts) and not settings.validation_disable
+        self.uses_datasets = bool(settings.validation_using_datasets) and not settings.validation_disable
+        self.renders = (bool(prompts) or self.uses_datasets) and not settings.validation_disable
         self.sizes = parse_resolutions(settings.validation_resolution) if self.renders else []
         self.count = max(1, int(settings.num_validation_images or 1))
         self.schedule = Schedule(settings)
+        self.runs: list[AdapterRun] = adapter_runs(settings) if self.renders else []
+        self.compiler = ValidationCompiler(settings)
         self.benchmark: benchmarks.Benchmark | None = None
         self.eval_loss: EvalLoss | None = None
         self.clip: ClipScorer | None = None
@@ -66,15 +77,23 @@ class ValidationCallback(Callback):
     def on_train_start(self, trainer) -> None:
         wants_eval_sets = not self.settings.eval_loss_disable and bool(eval_specs(trainer.data))
         wants_clip = self.settings.evaluation_type == "clip"
+        wants_inputs = self.renders and self.uses_datasets
+        if wants_inputs:
+            input_dataset_ids(self.settings, trainer.data.specs)  # every process stops on a bad eval_dataset_id
+        wants_adapters = self.renders and any(not run.is_base for run in self.runs)
         wants_benchmark = self.renders and not self.settings.disable_benchmark
         wants_startup = self.renders and bool(self.settings.validation_on_startup)
         self.evaluates = wants_eval_sets or wants_clip
-        if not (wants_eval_sets or wants_clip or wants_benchmark or wants_startup):
+        if not (wants_eval_sets or wants_clip or wants_inputs or wants_adapters or wants_benchmark or wants_startup):
             return
-        _enter_phase(trainer, "validation setup (eval caches, CLIP model, benchmark)")
+        _enter_phase(trainer, "validation setup (inputs, adapters, eval caches, CLIP model, benchmark)")
         trainer.accelerator.wait_for_everyone()
         if trainer.accelerator.is_main_process:
             with validation_mode(trainer):
+                if wants_inputs:
+                    self._add_dataset_prompts(trainer)
+                if wants_adapters:
+                    check_runs(trainer.family, self._live_denoiser(trainer), self.runs, adapter_option(self.settings))
                 if wants_eval_sets:
                     self.eval_loss = EvalLoss(open_eval_sets(trainer), trainer.family, trainer.loss_step,
                                               self.settings)
@@ -135,8 +154,20 @@ class ValidationCallback(Callback):
         accumulation = int(self.settings.gradient_accumulation_steps or 1)
         return math.ceil(trainer.data.steps_per_epoch / accumulation)
 
+    def _add_dataset_prompts(self, trainer) -> None:
+        """validation_using_datasets: dataset images with their captions join the prompts (img2img renders)."""
+        added = dataset_prompts(trainer, taken=set(self.by_name))
+        self.prompts = [*self.prompts, *added]
+        self.by_name.update({prompt.shortname: prompt for prompt in added})
+        logger.info("Validation renders image-to-image from %d dataset images: %s", len(added),
+                    ", ".join(prompt.shortname for prompt in added))
+
+    @staticmethod
+    def _live_denoiser(trainer):
+        return trainer.accelerator.unwrap_model(trainer.model)
+
     def _renderer(self, trainer, seed: int) -> Renderer:
-        denoiser = trainer.accelerator.unwrap_model(trainer.model)
+        denoiser = self.compiler.denoiser_for(self._live_denoiser(trainer))
         return Renderer(trainer.family, denoiser, self.settings, trainer.device, seed, trainer.accelerator.autocast)
 
     def _validate(self, trainer, step: int) -> None:
@@ -149,24 +180,33 @@ class ValidationCallback(Callback):
                 panels[key].extend([base] if base is not None else [])
         variants = weight_variants(trainer)
         renderer = self._renderer(trainer, seed)
-        with tqdm(total=len(keys) * len(variants), desc=f"Validation (step {step})", unit="image",
-                  leave=False) as bar:
-            for label, swapped in variants:
-                with swapped():
-                    for key in keys:
-                        image = renderer.render(self.by_name[key.shortname], key)
-                        self._rendered[(label, key)] = image
-                        panels[key].append(image)
-                        bar.update(1)
+        option = adapter_option(self.settings)
+        with tqdm(total=len(keys) * len(variants) * len(self.runs), desc=f"Validation (step {step})",
+                  unit="image", leave=False) as bar:
+            for run in self.runs:
+                with run_attached(trainer.family, self._live_denoiser(trainer), run, option):
+                    for label, swapped in variants:
+                        with swapped():
+                            self._render_keys(renderer, keys, _run_label(label, run), panels, bar)
         self._save_and_log(trainer, step, panels)
         self._step_seed = seed
 
+    def _render_keys(self, renderer: Renderer, keys: list[RenderKey], label: str,
+                     panels: dict[RenderKey, list[Image.Image]], bar) -> None:
+        for key in keys:
+            image = renderer.render(self.by_name[key.shortname], key)
+            self._rendered[(label, key)] = image
+            panels[key].append(image)
+            bar.update(1)
+
     def _save_and_log(self, trainer, step: int, panels: dict[RenderKey, list[Image.Image]]) -> None:
         folder = os.path.join(self.settings.output_dir, IMAGES_FOLDER)
+        location = self.settings.validation_stitch_input_location or "left"
         by_tag: dict[str, list[Image.Image]] = {}
         for key, images in panels.items():
-            prompt_slug = self.by_name[key.shortname].slug
-            combined = stitch(images)
+            prompt = self.by_name[key.shortname]
+            prompt_slug = prompt.slug
+            combined = stitch(with_input(images, prompt.input_image, location))
             save_png(combined, folder, image_name(step, prompt_slug, key))
             by_tag.setdefault(f"validation/{prompt_slug}_{key.size_label}", []).append(combined)
         log_images(trainer.accelerator, by_tag, step)
@@ -225,6 +265,11 @@ class ValidationCallback(Callback):
         self.benchmark = benchmark
 
 
+def _run_label(weights_label: str, run: AdapterRun) -> str:
+    """The label of one set of renders: the weights, plus the adapter run when there is one."""
+    return weights_label if run.is_base else f"{weights_label}+{run.label}"
+
+
 def _enter_phase(trainer, phase: str) -> None:
     """Tell the multi-process watchdog (when the trainer runs one) why the other ranks are waiting."""
     watchdog = getattr(trainer, "watchdog", None)
@@ -239,6 +284,8 @@ def build_validation_callback(settings) -> ValidationCallback | None:
         if len(errors) == 1:
             raise errors[0]
         raise ConfigError(errors[0].key, "\n".join(str(error) for error in errors))
-    if settings.validation_method != "simpletuner-local":
-        return None
+    if settings.validation_method == EXTERNAL_METHOD:
+        from simpletuner.validation.external import ExternalValidation
+
+        return None if settings.validation_disable else ExternalValidation(settings)
     return ValidationCallback(settings, load_prompts(settings))

@@ -7,14 +7,25 @@ stops the run on the first problems.
 
 from __future__ import annotations
 
+import inspect
+import math
+
 from simpletuner.config.errors import ConfigError
+from simpletuner.validation.adapter_specs import adapter_runs
+from simpletuner.validation.cfg_delay import delay_problem
 from simpletuner.validation.prompts import load_prompts
 from simpletuner.validation.resolutions import parse_resolutions
 from simpletuner.validation.sampling import sampling_problems
 from simpletuner.validation.schedulers import scheduler_problem
 
+EXTERNAL_METHOD = "external-script"
+
 
 def validation_errors(settings) -> list[ConfigError]:
+    if settings.validation_method == EXTERNAL_METHOD:
+        from simpletuner.validation.external import external_script_errors
+
+        return external_script_errors(settings)
     errors: list[ConfigError] = []
     try:
         prompts = load_prompts(settings)
@@ -23,7 +34,8 @@ def validation_errors(settings) -> list[ConfigError]:
         prompts = []
     if settings.evaluation_type == "clip":
         errors.extend(_clip_errors(settings, prompts))
-    if settings.validation_disable or not prompts:
+    errors.extend(_lycoris_strength_errors(settings))
+    if settings.validation_disable or not (prompts or settings.validation_using_datasets):
         return errors
     try:
         parse_resolutions(settings.validation_resolution)
@@ -31,6 +43,17 @@ def validation_errors(settings) -> list[ConfigError]:
         errors.append(error)
     errors.extend(_family_errors(settings))
     return errors
+
+
+def _lycoris_strength_errors(settings) -> list[ConfigError]:
+    strength = settings.validation_lycoris_strength
+    if not settings.is_set("validation_lycoris_strength") or strength == 1.0:
+        return []
+    if settings.model_type == "lora" and settings.lora_type == "lycoris":
+        return []
+    return [ConfigError("validation_lycoris_strength", f"validation_lycoris_strength={strength} scales a LyCORIS "
+                                                       "network, but this run trains none (it needs model_type=lora "
+                                                       "and lora_type=lycoris). Remove the option.")]
 
 
 def _clip_errors(settings, prompts) -> list[ConfigError]:
@@ -56,4 +79,40 @@ def _family_errors(settings) -> list[ConfigError]:
         errors.append(ConfigError("validation_noise_scheduler", problem))
     errors.extend(ConfigError(option, message)
                   for option, message in sampling_problems(settings, family.pipeline_class, family.name))
+    delay = delay_problem(settings, family.pipeline_class, family.name)
+    if delay:
+        errors.append(ConfigError("validation_no_cfg_until_timestep", delay))
+    errors.extend(_adapter_errors(settings, family))
+    if settings.validation_using_datasets:
+        errors.extend(_img2img_errors(settings, family))
     return errors
+
+
+def _adapter_errors(settings, family) -> list[ConfigError]:
+    try:
+        runs = adapter_runs(settings)
+    except ConfigError as error:
+        return [error]
+    if all(run.is_base for run in runs) or hasattr(family.pipeline_class, "load_lora_weights"):
+        return []
+    option = "validation_adapter_config" if settings.validation_adapter_config else "validation_adapter_path"
+    return [ConfigError(option, f"{option}: {family.pipeline_class.__name__} cannot load LoRA weights, so "
+                                f"model_family={family.name} has no validation adapters. Remove {option}.")]
+
+
+def _img2img_errors(settings, family) -> list[ConfigError]:
+    """validation_using_datasets needs an img2img pipeline, and enough steps to denoise at its strength."""
+    pipeline_class = family.img2img_pipeline_class
+    if pipeline_class is None:
+        return [ConfigError("validation_using_datasets", f"validation_using_datasets renders image-to-image, but "
+                                                         f"model_family={family.name} has no img2img pipeline. Turn "
+                                                         "validation_using_datasets off.")]
+    strength = inspect.signature(pipeline_class.__call__).parameters.get("strength")
+    steps = int(settings.validation_num_inference_steps)
+    if strength is None or int(steps * strength.default) >= 1:
+        return []
+    needed = math.ceil(1 / strength.default)
+    return [ConfigError("validation_num_inference_steps", f"validation_num_inference_steps={steps} leaves no "
+                                                          f"denoising step for {pipeline_class.__name__}, which "
+                                                          f"denoises {strength.default:g} of the schedule from the "
+                                                          f"input image; use at least {needed}.")]

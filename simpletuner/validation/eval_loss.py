@@ -42,7 +42,12 @@ def _file_safe(text: str) -> str:
 
 
 def eval_specs(data) -> list:
-    return [spec for spec in data.specs.values() if spec.dataset_type == EVAL_DATASET_TYPE]
+    """The eval datasets scored; only the one eval_dataset_id names when it names an eval dataset."""
+    specs = [spec for spec in data.specs.values() if spec.dataset_type == EVAL_DATASET_TYPE]
+    chosen = getattr(data.settings, "eval_dataset_id", None)
+    if chosen is not None and any(spec.id == chosen for spec in specs):
+        return [spec for spec in specs if spec.id == chosen]
+    return specs
 
 
 def open_eval_sets(trainer, progress: bool = True) -> list[EvalSet]:

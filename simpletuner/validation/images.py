@@ -1,9 +1,8 @@
-"""Rendering validation images with the family's pipeline, and writing them to disk.
+"""What a validation round renders (``RenderKey``), its seeds, and writing and stitching the images.
 
-A ``Renderer`` wraps one pipeline built over the live (unwrapped) denoiser and
-draws one image per (prompt, size, index). Image ``index`` of every prompt and
-size uses the seed ``round_seed + index``, so rounds with the same seed are
-directly comparable and a render can be reused within a round (``RenderKey``).
+Image ``index`` of every prompt and size uses the seed ``round_seed + index``
+(see ``renderer.Renderer``), so rounds with the same seed are directly
+comparable and a render can be reused within a round.
 """
 
 from __future__ import annotations
@@ -17,8 +16,6 @@ import torch
 from PIL import Image
 
 from simpletuner.validation.prompts import ValidationPrompt
-from simpletuner.validation.sampling import call_arguments
-from simpletuner.validation.schedulers import validation_scheduler
 
 IMAGES_FOLDER = "validation_images"
 
@@ -54,31 +51,11 @@ def generator_device(settings, device: torch.device) -> torch.device:
     return torch.device("cpu") if settings.validation_seed_source == "cpu" else torch.device(device)
 
 
-class Renderer:
-    def __init__(self, family, denoiser: torch.nn.Module, settings, device: torch.device, seed: int, autocast):
-        self.pipeline = family.build_pipeline(denoiser=denoiser)
-        scheduler = validation_scheduler(settings.validation_noise_scheduler, self.pipeline.scheduler,
-                                         bool(family.flow_matching))
-        if scheduler is not None:
-            self.pipeline.scheduler = scheduler
-        self.pipeline.set_progress_bar_config(disable=True)
-        # Prompts are encoded as in training (text length, instructions), then the sampling options.
-        self.arguments = {**family.pipeline_call_arguments(), **call_arguments(settings, type(self.pipeline))}
-        self.generator_device = generator_device(settings, device)
-        self.seed = seed
-        self.autocast = autocast  # a callable returning the accelerator's autocast context
-
-    def render(self, prompt: ValidationPrompt, key: RenderKey) -> Image.Image:
-        generator = torch.Generator(device=self.generator_device).manual_seed(self.seed + key.index)
-        with torch.no_grad(), self.autocast():
-            result = self.pipeline(prompt=prompt.text, width=key.width, height=key.height, generator=generator,
-                                   output_type="pil", **self.arguments)
-        return result.images[0]
-
-
 def render_keys(prompts: list[ValidationPrompt], sizes: list[tuple[int, int]], count: int) -> list[RenderKey]:
+    """Every (prompt, size, index) of a round; a prompt with an input image renders at that image's size only."""
     return [RenderKey(prompt.shortname, width, height, index)
-            for prompt in prompts for width, height in sizes for index in range(count)]
+            for prompt in prompts for width, height in ([prompt.input_size] if prompt.input_size else sizes)
+            for index in range(count)]
 
 
 def image_name(step: int, prompt_slug: str, key: RenderKey, suffix: str = "") -> str:
@@ -98,6 +75,13 @@ def save_png(image: Image.Image, folder: str, name: str) -> str:
         if os.path.exists(staging):
             os.remove(staging)
     return path
+
+
+def with_input(images: list[Image.Image], input_image: Image.Image | None, location: str) -> list[Image.Image]:
+    """The panels of an img2img render with its input image first (location "left") or last ("right")."""
+    if input_image is None:
+        return list(images)
+    return [input_image, *images] if location == "left" else [*images, input_image]
 
 
 def stitch(images: list[Image.Image]) -> Image.Image:

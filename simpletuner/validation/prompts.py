@@ -5,6 +5,9 @@ In order: ``validation_prompt`` (short name "validation"), the entries of the
 library when ``validation_prompt_library`` is on, and finally an empty prompt
 ("unconditional") unless ``validation_disable_unconditional`` is set. The
 unconditional render is only added when at least one real prompt exists.
+
+With validation_using_datasets, ``dataset_inputs`` adds prompts that carry an
+input image (a dataset image and its caption); those render image-to-image.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from PIL import Image
 
 from simpletuner.config.errors import ConfigError
 
@@ -47,6 +52,13 @@ _SLUG_UNSAFE = re.compile(r"[^a-z0-9_-]+")
 class ValidationPrompt:
     shortname: str
     text: str
+    # img2img validation: the image to start from, and where it came from (dataset:path:stamp)
+    input_image: Image.Image | None = field(default=None, compare=False, repr=False)
+    input_source: str = ""
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        return self.input_image.size if self.input_image is not None else None
 
     @property
     def slug(self) -> str:

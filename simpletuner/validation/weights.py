@@ -55,15 +55,42 @@ def validation_mode(trainer, resume_training: bool = True) -> Iterator[None]:
 
 
 def weight_variants(trainer) -> list[tuple[str, Callable[[], ContextManager]]]:
-    """(label, context that swaps those weights in) for each set of weights to render, per ema_validation."""
+    """(label, context that swaps those weights in) for each set of weights to render, per ema_validation.
+
+    With lora_type=lycoris every context also scales the network by validation_lycoris_strength.
+    """
     mode = trainer.settings.ema_validation or "none"
     ema = trainer.ema
     if ema is None or mode == "none":
-        return [(TRAINED, nullcontext)]
-    with_ema = (EMA, lambda: ema.swapped_in(trainer.trainable))
-    if mode == "ema_only":
-        return [with_ema]
-    return [(TRAINED, nullcontext), with_ema]
+        variants = [(TRAINED, nullcontext)]
+    elif mode == "ema_only":
+        variants = [(EMA, lambda: ema.swapped_in(trainer.trainable))]
+    else:
+        variants = [(TRAINED, nullcontext), (EMA, lambda: ema.swapped_in(trainer.trainable))]
+    strength = lycoris_strength(trainer)
+    if strength is None:
+        return variants
+    return [(label, _nested(swapped, lambda: trainer.trained.strength(strength))) for label, swapped in variants]
+
+
+def lycoris_strength(trainer) -> float | None:
+    """validation_lycoris_strength when a LyCORIS network is trained and the value is not 1, else None."""
+    settings = trainer.settings
+    strength = settings.validation_lycoris_strength
+    if settings.model_type != "lora" or settings.lora_type != "lycoris" or strength is None:
+        return None
+    if float(strength) == 1.0 or not hasattr(getattr(trainer, "trained", None), "strength"):
+        return None
+    return float(strength)
+
+
+def _nested(outer: Callable[[], ContextManager], inner: Callable[[], ContextManager]) -> Callable[[], ContextManager]:
+    @contextmanager
+    def both() -> Iterator[None]:
+        with outer(), inner():
+            yield
+
+    return both
 
 
 def base_weights(trainer) -> Callable[[], ContextManager] | None:

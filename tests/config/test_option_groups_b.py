@@ -133,8 +133,9 @@ def test_gated_choices_use_known_requirement_keys():
 
 def test_cpu_capable_choices_are_not_gated():
     attention = OPTIONS["attention_mechanism"].gated_choices
-    for choice in ("diffusers", "native-math", "flex"):
+    for choice in ("diffusers", "native-math", "native-flash"):
         assert choice not in attention
+    assert attention["flex"] == "cuda"  # no backward pass on CPU
     assert attention["flash-attn-3"] == "flash_attn_3"
     assert attention["xformers"] == "xformers"
     assert OPTIONS["mixed_precision"].gated_choices == {"fp8": "cuda_fp8"}

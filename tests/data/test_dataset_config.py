@@ -211,7 +211,7 @@ def test_instance_prompt_required(tmp_path):
     ({"crop_style": "face"}, "crop_style"),
     ({"metadata_backend": "parquet"}, "metadata_backend"),
     ({"caption_strategy": "huggingface"}, "caption_strategy"),
-    ({"conditioning_data": "cond"}, "conditioning_data"),
+    ({"conditioning": {"type": "canny"}}, "conditioning"),
     ({"slider_strength": 0.5}, "slider_strength"),
 ])
 def test_unbuilt_features_are_refused(tmp_path, values, key):

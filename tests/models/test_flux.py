@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from simpletuner.config.settings import Settings
 from simpletuner.data.types import TrainingBatch
 from simpletuner.models.flux import Flux, latent_image_ids, pack_latents, unpack_latents
-from simpletuner.models.flux_lora_targets import FLUX_LORA_TARGETS, PLANNED_FLUX_LORA_TARGETS, flux_lora_targets
+from simpletuner.models.flux_lora_targets import CONTROLNET_FLUX_LORA_TARGETS, FLUX_LORA_TARGETS, flux_lora_targets
 from simpletuner.models.tiny import build_tiny
 
 CPU = torch.device("cpu")
@@ -230,17 +230,17 @@ def test_lora_presets_resolve_from_settings():
     assert "proj_mlp" in Flux(Settings({"flux_lora_target": "all+ffs"})).lora_target_modules()
     assert Flux(Settings({"flux_lora_target": "nano"})).lora_target_modules() == [
         "single_transformer_blocks.7.proj_out"]
-    for choice in PLANNED_FLUX_LORA_TARGETS:
-        with pytest.raises(ValueError, match="ControlNet"):
+    for choice in CONTROLNET_FLUX_LORA_TARGETS:
+        with pytest.raises(ValueError, match="controlnet=true"):
             flux_lora_targets(choice)
 
 
-def test_option_table_marks_controlnet_presets_planned():
+def test_option_table_offers_every_preset_including_the_controlnet_ones():
     from simpletuner.config.options import OPTIONS
 
     option = OPTIONS["flux_lora_target"]
-    assert set(option.planned_choices) == set(PLANNED_FLUX_LORA_TARGETS)
-    assert set(option.choices) == set(FLUX_LORA_TARGETS) | set(PLANNED_FLUX_LORA_TARGETS)
+    assert not option.planned_choices
+    assert set(option.choices) == set(FLUX_LORA_TARGETS) | set(CONTROLNET_FLUX_LORA_TARGETS)
 
 
 BUILT_ON_TINY = [choice for choice in FLUX_LORA_TARGETS if choice not in ("tiny", "nano")]  # need >= 8 blocks

@@ -60,16 +60,16 @@ OPTIONS = [
     # ControlNet / control training
     opt("controlnet", "bool", False,
         "Train a ControlNet branch (full or LoRA) that conditions the model on control images.",
-        status=PLANNED),
+        status=BUILT),
     opt("control", "bool", False,
         "Channel-wise control training: conditioning images are concatenated to the latent input instead "
         "of going through a separate ControlNet.", status=PLANNED),
     opt("controlnet_custom_config", "str", None,
         "JSON object (or file path) overriding the ControlNet's architecture settings, e.g. "
-        '{"num_layers": 12}.', status=PLANNED),
+        '{"num_layers": 12}.', status=BUILT),
     opt("controlnet_model_name_or_path", "str", None,
         "Existing ControlNet weights (repository id or folder) to start from instead of a fresh branch.",
-        status=PLANNED),
+        status=BUILT),
     opt("tread_config", "str", None,
         "TREAD token-routing settings as a JSON object or a path to one; it needs a 'routes' list of "
         "{selection_ratio, start_layer_idx, end_layer_idx} entries.", status=PLANNED),

@@ -10,12 +10,15 @@ QUANTISATION_LEVELS = (
 )
 # Quanto levels (fp8 included) and int8-torchao run on a CPU; these three do not.
 QUANTISATION_NEEDS = {"nf4-bnb": "bitsandbytes", "int4-torchao": "cuda", "fp8-torchao": "cuda_fp8"}
+# Levels applied by diffusers' loader (quantize_via=pipeline), which is not built yet.
+LOADER_ONLY_LEVELS = ("nf4-bnb",)
 
 _TEXT_ENCODER_PRECISION = [
     opt(f"text_encoder_{index}_precision", "str", "no_change",
         f"Quantisation applied to text encoder {index} when it is loaded; no_change keeps its weights as they "
         "are. Frozen encoders usually lose little quality.",
-        choices=QUANTISATION_LEVELS, gated_choices=QUANTISATION_NEEDS, status=PLANNED)
+        choices=QUANTISATION_LEVELS, gated_choices=QUANTISATION_NEEDS, planned_choices=LOADER_ONLY_LEVELS,
+        status=BUILT)
     for index in range(1, 5)
 ]
 
@@ -24,7 +27,8 @@ OPTIONS = [
     opt("base_model_precision", "str", "no_change",
         "Quantise the frozen denoiser weights to save memory (quanto, torchao or bitsandbytes backends); "
         "no_change keeps them at their loaded precision.",
-        choices=QUANTISATION_LEVELS, gated_choices=QUANTISATION_NEEDS, status=PLANNED),
+        choices=QUANTISATION_LEVELS, gated_choices=QUANTISATION_NEEDS, planned_choices=LOADER_ONLY_LEVELS,
+        status=BUILT),
     *_TEXT_ENCODER_PRECISION,
     opt("base_model_default_dtype", "str", "bf16",
         "Precision of the base-model weights that quantisation leaves unquantised.",
@@ -32,7 +36,7 @@ OPTIONS = [
     opt("quantize_via", "str", "cpu",
         "Where quantisation happens: on the CPU (slow but light on VRAM), on the accelerator (faster, may run "
         "out of memory), or inside the diffusers loading pipeline.",
-        choices=("cpu", "accelerator", "pipeline"), status=PLANNED),
+        choices=("cpu", "accelerator", "pipeline"), planned_choices=("pipeline",), status=BUILT),
     opt("quantization_config", "str", None,
         "For quantize_via=pipeline: diffusers quantization_config overrides as inline JSON or a file path, "
         "keyed by component (unet, transformer, text_encoder or default).", status=PLANNED),
@@ -45,42 +49,44 @@ OPTIONS = [
         "the cost of slower steps.", status=BUILT),
     opt("gradient_checkpointing_interval", "int", None,
         "Only checkpoint every Nth block (1 is the same as every block); supported by a few families such as "
-        "SDXL and Flux.", status=PLANNED),
+        "SDXL and Flux.", status=BUILT),
     opt("gradient_checkpointing_backend", "str", "torch",
         "How checkpointed activations are handled: recomputed by PyTorch (torch), or copied to CPU memory "
         "asynchronously (unsloth, CUDA only).",
-        choices=("torch", "unsloth"), gated_choices={"unsloth": "cuda"}, status=PLANNED),
+        choices=("torch", "unsloth"), gated_choices={"unsloth": "cuda"}, planned_choices=("unsloth",),
+        status=BUILT),
     # Offloading
     opt("offload_during_startup", "bool", False,
         "Park the text encoders on the CPU while the VAE cache is built, so large models fit during startup; "
-        "startup gets slower.", status=PLANNED),
+        "startup gets slower.", status=BUILT),
     opt("offload_during_save", "bool", False,
         "Move the pipeline to the CPU for the duration of each checkpoint save, to avoid out-of-memory "
         "errors while quantised weights are serialised.", status=PLANNED),
     opt("enable_model_cpu_offload", "bool", False,
-        "Keep whole model components on the CPU and move each to the accelerator only while it runs. Cannot "
-        "be combined with enable_group_offload.", status=PLANNED),
+        "Keep the text encoders on the CPU and move each to the accelerator only while it encodes (the VAE "
+        "is parked once latents are cached). Cannot be combined with enable_group_offload.", status=BUILT),
     opt("enable_group_offload", "bool", False,
-        "Stage groups of denoiser blocks on the CPU (or disk) between uses via diffusers group offloading. "
-        "Cannot be combined with enable_model_cpu_offload or ramtorch.", status=PLANNED),
+        "Keep the denoiser's frozen weights on the CPU (or disk) and bring them to the accelerator group by "
+        "group while each runs (LoRA training). Cannot be combined with enable_model_cpu_offload or ramtorch.",
+        status=BUILT),
     opt("group_offload_type", "str", "block_level",
-        "Granularity of group offloading: whole blocks (balanced) or individual leaf layers (least memory, "
-        "most transfers).", choices=("block_level", "leaf_level"), status=PLANNED),
+        "Granularity of group offloading: whole blocks of the model's block lists, other layers staying "
+        "resident (balanced), or individual leaf layers (least memory, most transfers).", choices=("block_level", "leaf_level"), status=BUILT),
     opt("group_offload_blocks_per_group", "int", 1,
         "With block_level offloading, how many blocks move together; more means fewer transfers but more "
-        "memory in use.", status=PLANNED),
+        "memory in use.", status=BUILT),
     opt("group_offload_use_stream", "bool", False,
-        "Overlap offload transfers with computation on a separate CUDA stream; other devices fall back to "
-        "plain transfers.", status=PLANNED),
+        "Copy the next offloaded group on a separate CUDA stream while the current one computes (CUDA "
+        "only).", choices=(False, True), gated_choices={True: "cuda"}, status=BUILT),
     opt("group_offload_to_disk_path", "str", None,
         "Folder where offloaded groups are written instead of being kept in CPU memory; use a fast local "
-        "disk.", status=PLANNED),
+        "disk.", status=BUILT),
     opt("musubi_blocks_to_swap", "int", 0,
         "Keep the last N transformer blocks on another device and stream their weights in block by block "
-        "(supported video/image transformers only); 0 turns it off.", status=PLANNED),
+        "(transformer models with a block list, not UNets; LoRA training); 0 turns it off.", status=BUILT),
     opt("musubi_block_swap_device", "str", "cpu",
         "Device that holds the swapped blocks, such as cpu or cuda:1; used only when musubi_blocks_to_swap "
-        "is above 0.", status=PLANNED),
+        "is above 0.", status=BUILT),
     # RamTorch
     opt("ramtorch", "bool", False,
         "Swap Linear layers for RamTorch versions whose weights live in CPU memory and stream to the GPU "
@@ -109,7 +115,7 @@ OPTIONS = [
         status=PLANNED),
     # Attention and other memory switches
     opt("unet_attention_slice", "bool", False,
-        "Compute UNet attention in slices (UNet families only) to lower peak memory.", status=PLANNED),
+        "Compute UNet attention in slices (UNet families only) to lower peak memory.", status=BUILT),
     opt("accelerator_cache_clear_interval", "int", None,
         "Empty the accelerator's memory cache every N steps to fight fragmentation; unset or 0 never does.",
         status=PLANNED),
@@ -122,17 +128,17 @@ OPTIONS = [
     # torch.compile (TorchDynamo)
     opt("dynamo_backend", "str", "no",
         "torch.compile backend for the training model, such as inductor, aot_eager or cudagraphs; no turns "
-        "compilation off. Also read from TRAINING_DYNAMO_BACKEND.", status=PLANNED),
+        "compilation off. Also read from TRAINING_DYNAMO_BACKEND.", status=BUILT),
     opt("dynamo_mode", "str", None,
         "torch.compile optimisation mode; unset lets the backend choose.",
-        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"), status=PLANNED),
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"), status=BUILT),
     opt("dynamo_fullgraph", "bool", False,
         "Require torch.compile to capture each model as one graph, failing instead of splitting it.",
-        status=PLANNED),
+        status=BUILT),
     opt("dynamo_dynamic", "bool", False,
         "Compile with dynamic-shape guards so changing input sizes do not trigger recompilation.",
-        status=PLANNED),
+        status=BUILT),
     opt("dynamo_use_regional_compilation", "bool", False,
         "Compile repeated blocks once and reuse the result, shortening compile time on deep transformers.",
-        status=PLANNED),
+        status=BUILT),
 ]

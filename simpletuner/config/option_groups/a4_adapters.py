@@ -42,8 +42,7 @@ OPTIONS = [
         '["to_q", "to_k"]. Replaces the family\'s preset targets.', status=BUILT),
     opt("flux_lora_target", "str", "all",
         "Flux only: which group of layers the LoRA wraps, from attention-only presets up to feed-forward "
-        "and embedder layers.", choices=FLUX_LORA_TARGETS, status=BUILT,
-        planned_choices=("controlnet", "all+ffs+embedder+controlnet")),
+        "and embedder layers.", choices=FLUX_LORA_TARGETS, status=BUILT),
     opt("slider_lora_target", "bool", False,
         "Aim standard PEFT LoRA at slider-friendly layers (self-attention plus conv/time embeddings).",
         status=PLANNED),

@@ -38,7 +38,8 @@ OPTIONS = [
         "length.", status=BUILT),
     opt("conditioning_multidataset_sampling", "str", "random",
         "With several conditioning datasets, use all of them together for each sample (combined) or pick "
-        "one at random per sample (random).", choices=("combined", "random"), status=PLANNED),
+        "one at random per sample (random).", choices=("combined", "random"), status=BUILT,
+        planned_choices=("combined",)),
     opt("ignore_missing_files", "bool", False,
         "Keep training when image files listed in a dataset's cache have disappeared, instead of removing "
         "them from the buckets.", status=PLANNED),

@@ -59,12 +59,13 @@ OPTIONS = [
         "Min-SNR loss weighting gamma; 5 is the usual choice, lower is stronger. Unset or 0 disables it.",
         status=BUILT),
     opt("snr_weight", "float", 1.0,
-        "Overall multiplier applied to the SNR-based loss weights.", status=PLANNED),
+        "Multiplier on the loss of DDPM-style (not flow-matching) models when min-SNR weighting is off.",
+        status=BUILT),
     opt("soft_min_snr_sigma_data", "float", None,
         "Expected standard deviation of the training data used by soft min-SNR weighting; needed when "
         "use_soft_min_snr is on.", status=BUILT),
     opt("masked_loss_probability", "float", 1.0,
-        "Chance (0-1) that a batch with masks uses them to weight the loss.", status=PLANNED),
+        "Chance (0-1) that a batch with masks uses them to weight the loss.", status=BUILT),
     # Distillation
     opt("distillation_method", "str", None,
         "Distil the model with one of these methods instead of plain fine-tuning; unset trains normally.",

@@ -20,6 +20,7 @@ _ATTENTION_REQUIREMENTS = {
     "flash-attn-3": "flash_attn_3",
     "flash-attn-3-varlen": "flash_attn_3",
     "cudnn": "cuda",
+    "flex": "cuda",  # FlexAttention has no backward pass on CPU
     "native-efficient": "cuda",
     "native-npu": "npu",
     "native-xla": "xla",
@@ -49,7 +50,7 @@ OPTIONS = [
         status=BUILT),
     opt("gradient_precision", "str", "unmodified",
         "Keep gradients in the training dtype, or accumulate them in fp32.",
-        choices=("unmodified", "fp32"), status=PLANNED),
+        choices=("unmodified", "fp32"), status=BUILT),
     opt("quantize_activations", "bool", False,
         "Also quantize activations, not just weights, when the base model is quantized (hurts quality).",
         status=PLANNED),
@@ -100,17 +101,17 @@ OPTIONS = [
     # Freezing
     opt("layer_freeze_strategy", "str", "none",
         "Which parameters to freeze: none, or bitfit (train only the bias terms).",
-        choices=("none", "bitfit"), status=PLANNED),
+        choices=("none", "bitfit"), status=BUILT),
     opt("freeze_encoder_strategy", "str", "after",
         "When the text encoder is trained, freeze its layers before, between or after the indices given "
         "by freeze_encoder_before and freeze_encoder_after.",
-        choices=("before", "between", "after"), status=PLANNED),
+        choices=("before", "between", "after"), status=BUILT),
     opt("freeze_encoder_before", "int", 12,
         "Text-encoder layer index below which layers are frozen (before/between strategies).",
-        status=PLANNED),
+        status=BUILT),
     opt("freeze_encoder_after", "int", 17,
         "Text-encoder layer index above which layers are frozen (after/between strategies).",
-        status=PLANNED),
+        status=BUILT),
     # Text encoder handling
     opt("fully_unload_text_encoder", "bool", False,
         "Delete the text encoders from memory entirely once their embeddings are cached.", status=PLANNED),
@@ -118,11 +119,11 @@ OPTIONS = [
         "Include the text encoder in the saved model at the end of training.", status=PLANNED),
     opt("text_encoder_limit", "int", 25,
         "When training the text encoder, stop updating it after this percentage of the run.",
-        status=PLANNED),
+        status=BUILT),
     # Run-level
     opt("ignore_final_epochs", "bool", False,
         "Let max_train_steps decide when training ends even if the epoch count is reached first.",
-        status=PLANNED),
+        status=BUILT),
     opt("ema_validation", "str", "comparison",
         "How EMA weights appear in validation: not at all, instead of the trained weights, or side by "
         "side with them.",

@@ -82,29 +82,29 @@ OPTIONS = [
     # Validation hand-off and adapters
     opt("validation_method", "str", "simpletuner-local",
         "Run validation with the built-in pipeline, or hand it to validation_external_script.",
-        choices=("simpletuner-local", "external-script"), status=PLANNED),
+        choices=("simpletuner-local", "external-script"), status=BUILT),
     opt("validation_external_script", "str", None,
         "Command (shell-style quoting) run for validation when validation_method is external-script; "
         "placeholders like {local_checkpoint_path}, {global_step} and any validation_* value are filled "
-        "in.", status=PLANNED),
+        "in.", status=BUILT),
     opt("validation_external_background", "bool", False,
         "Start validation_external_script without waiting for it or checking its exit code.",
-        status=PLANNED),
+        status=BUILT),
     opt("validation_adapter_path", "str", None,
         "One extra LoRA attached only during validation: a local file or folder, org/repo, or "
         "org/repo:weights.safetensors. Cannot be combined with validation_adapter_config.",
-        status=PLANNED),
+        status=BUILT),
     opt("validation_adapter_name", "str", None,
-        "Name given to the adapter from validation_adapter_path in logs.", status=PLANNED),
+        "Name given to the adapter from validation_adapter_path in logs.", status=BUILT),
     opt("validation_adapter_strength", "float", 1.0,
-        "Scale (above 0) applied to the validation adapter.", status=PLANNED),
+        "Scale (above 0) applied to the validation adapter.", status=BUILT),
     opt("validation_adapter_mode", "str", "adapter_only",
         "Validate with the adapter only, with and without it side by side, or not attach it at all.",
-        choices=("adapter_only", "comparison", "none"), status=PLANNED),
+        choices=("adapter_only", "comparison", "none"), status=BUILT),
     opt("validation_adapter_config", "str", None,
         "Several validation adapter runs, as inline JSON or a JSON file: a list (or an object with a runs "
         "list) of entries with path, and optionally label, adapter_name, strength or adapters/paths.",
-        status=PLANNED),
+        status=BUILT),
     opt("validation_preview", "bool", False,
         "Decode intermediate validation latents with a tiny autoencoder and send them to webhooks while "
         "sampling runs.", status=PLANNED),
