@@ -20,7 +20,7 @@ from simpletuner.config.errors import ConfigError
 
 WEBHOOK_TYPES = ("raw", "discord")
 SEVERITIES = ("debug", "info", "warning", "error", "critical")
-KNOWN_KEYS = ("webhook_url", "webhook_type", "log_level", "events", "message_prefix", "ssl_no_verify")
+KNOWN_KEYS = ("webhook_url", "callback_url", "webhook_type", "log_level", "events", "message_prefix", "ssl_no_verify")
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,14 @@ def read_webhook_config(value: str) -> tuple[list, str]:
 
 
 def _target_urls(entry: dict, source: str) -> list[str]:
-    urls = entry.get("webhook_url")
+    """webhook_url (discord and raw) or callback_url (the raw type's name for it)."""
+    if "webhook_url" in entry and "callback_url" in entry:
+        raise _fail(source, "give either webhook_url or callback_url, not both.")
+    urls = entry.get("webhook_url", entry.get("callback_url"))
     urls = [urls] if isinstance(urls, str) else urls
     if not urls or not all(isinstance(url, str) and url.startswith(("http://", "https://")) for url in urls):
-        raise _fail(source, f"webhook_url must be an http(s) URL or a list of them, got {entry.get('webhook_url')!r}.")
+        raise _fail(source, f"webhook_url (or callback_url for raw targets) must be an http(s) URL or a list of them, "
+                            f"got {urls!r}.")
     return urls
 
 

@@ -22,7 +22,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 
 from simpletuner.config.settings import Settings
 from simpletuner.integrations.webhook_config import WebhookTarget
@@ -33,20 +32,16 @@ DISCORD_LIMIT = 2000  # characters Discord accepts in one message
 REQUEST_TIMEOUT_S = 10
 
 
-def job_id(settings: Settings) -> str:
-    """SIMPLETUNER_JOB_ID, else an explicitly set tracker_run_name, else a fresh unique id."""
-    from_env = os.environ.get("SIMPLETUNER_JOB_ID")
-    if from_env:
-        return from_env
-    if settings.is_set("tracker_run_name") and settings.tracker_run_name:
-        return str(settings.tracker_run_name)
-    return f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+def job_id(settings: Settings) -> str | None:
+    """The SIMPLETUNER_JOB_ID environment variable; None (JSON null) when it is unset, as SimpleTuner sends."""
+    return os.environ.get("SIMPLETUNER_JOB_ID") or None
 
 
 def event_body(target: WebhookTarget, event: dict) -> dict:
     """What is POSTed to one target for one event."""
     if target.kind == "discord":
-        text = f"{target.message_prefix}[{event['job_id']}] {event['message']}"
+        job = f"[{event['job_id']}] " if event.get("job_id") else ""
+        text = f"{target.message_prefix}{job}{event['message']}"
         return {"content": text[:DISCORD_LIMIT]}
     body = dict(event)
     if target.message_prefix:

@@ -165,7 +165,7 @@ class Trainer:
         if self.settings.grad_clip_method == "value":
             self.accelerator.clip_grad_value_(self.trainable, limit)
         else:
-            self.accelerator.clip_grad_norm_(self.trainable, limit)
+            self.grad_norm = self.accelerator.clip_grad_norm_(self.trainable, limit)  # read when logged
 
     def _after_optimizer_step(self, progress: TrainingProgress) -> None:
         state = self.state
@@ -173,7 +173,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(state.global_step)
         loss = state.pop_step_loss()
-        progress.step(state.global_step, loss, self.lr_scheduler.get_last_lr()[0], state.epoch)
+        progress.step(state.global_step, loss, self.lr_scheduler.get_last_lr()[0], state.epoch,
+                      grad_norm=getattr(self, "grad_norm", None))
         if self._checkpoint_due():
             self.save_checkpoint()
         self.callbacks.on_step_end(self, state.global_step, loss)

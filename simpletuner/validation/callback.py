@@ -43,6 +43,7 @@ from simpletuner.validation.eval_loss import EvalLoss, eval_specs, open_eval_set
 from simpletuner.validation.images import (IMAGES_FOLDER, RenderKey, fixed_seed, image_name, render_keys, round_seed,
                                            save_png, stitch, with_input)
 from simpletuner.validation.prompts import ValidationPrompt, load_prompts
+from simpletuner.integrations.webhooks import send_event
 from simpletuner.validation.renderer import Renderer
 from simpletuner.validation.resolutions import parse_resolutions
 from simpletuner.validation.schedule import Schedule
@@ -203,14 +204,18 @@ class ValidationCallback(Callback):
         folder = os.path.join(self.settings.output_dir, IMAGES_FOLDER)
         location = self.settings.validation_stitch_input_location or "left"
         by_tag: dict[str, list[Image.Image]] = {}
+        saved = []
         for key, images in panels.items():
             prompt = self.by_name[key.shortname]
             prompt_slug = prompt.slug
             combined = stitch(with_input(images, prompt.input_image, location))
+            saved.append(os.path.join(folder, image_name(step, prompt_slug, key)))
             save_png(combined, folder, image_name(step, prompt_slug, key))
             by_tag.setdefault(f"validation/{prompt_slug}_{key.size_label}", []).append(combined)
         log_images(trainer.accelerator, by_tag, step)
         logger.info("Saved %d validation images for step %d in %s", len(panels), step, folder)
+        send_event("validation", {"global_step": step, "images": saved},
+                   message=f"Validation images for step {step} saved to {folder}")
 
     def _evaluate(self, trainer, step: int) -> None:
         label, swapped = weight_variants(trainer)[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import stat
 import struct
 import time
@@ -73,12 +74,13 @@ def test_report_to_all_logs_loss_to_tensorboard_and_offline_wandb(model, images,
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("WANDB_DIR", raising=False)
     config = base_config("sd1x", model, tmp_path, images, report_to="all", tracker_run_name="e2e-run",
-                         tracker_project_name="e2e-project")
+                         tracker_project_name="e2e-project", grad_clip_method="norm")
     train(config)
 
     events = EventAccumulator(str(tmp_path / "output" / "logs" / "e2e-project"))
     events.Reload()
-    assert [scalar.step for scalar in events.Scalars("train_loss")] == [1, 2, 3]
+    for metric in ("train_loss", "learning_rate", "step_time", "grad_norm"):
+        assert [scalar.step for scalar in events.Scalars(metric)] == [1, 2, 3], metric
 
     (run_file,) = glob.glob(str(tmp_path / "output" / "logs" / "wandb" / "offline-run-*" / "run-*.wandb"))
     records = finished_wandb_records(run_file)
@@ -92,14 +94,16 @@ def test_report_to_all_logs_loss_to_tensorboard_and_offline_wandb(model, images,
 
 
 def test_webhooks_and_post_checkpoint_script_follow_the_run(model, images, tmp_path, receiver, monkeypatch):
-    monkeypatch.delenv("SIMPLETUNER_JOB_ID", raising=False)
+    monkeypatch.setenv("SIMPLETUNER_JOB_ID", "job-42")
     hook = tmp_path / "hook.sh"
     hook.write_text(f'#!/bin/sh\necho "$1 $2 $3" >> {tmp_path / "hook.log"}\n')
     hook.chmod(hook.stat().st_mode | stat.S_IXUSR)
-    targets = [{"webhook_url": receiver.url("/raw"), "webhook_type": "raw"},
+    targets = [{"callback_url": receiver.url("/raw"), "webhook_type": "raw"},
                {"webhook_url": receiver.url("/discord"), "webhook_type": "discord", "events": ["training.checkpoint"]}]
-    config = base_config("sd1x", model, tmp_path, images, checkpoint_step_interval=1, tracker_run_name="job-42",
+    config = base_config("sd1x", model, tmp_path, images, checkpoint_step_interval=1,
                          webhook_config=json.dumps(targets), webhook_reporting_interval=0,
+                         validation_prompt="a red circle", validation_step_interval=2, validation_resolution="64",
+                         num_validation_images=1, disable_benchmark=True, validation_num_inference_steps=2,
                          post_checkpoint_script=f"{hook} {{local_checkpoint_path}} {{global_step}} {{model_family}}")
     train(config)
 
@@ -108,6 +112,10 @@ def test_webhooks_and_post_checkpoint_script_follow_the_run(model, images, tmp_p
                                                                  f"{output}/checkpoint-2 2 sd1x"]
     raw = [body for path, body in receiver.requests if path == "/raw"]
     assert {body["job_id"] for body in raw} == {"job-42"}
+    validations = [body for body in raw if body["type"] == "validation"]
+    assert [body["global_step"] for body in validations] == [2, 3]  # the step-2 round and the final round
+    assert all(os.path.exists(path) for body in validations for path in body["images"])
+    raw = [body for body in raw if body["type"] != "validation"]
     assert [(body["type"], body.get("global_step")) for body in raw] == [
         ("training.status", 0), ("training.checkpoint", 1), ("training.status", 1), ("training.checkpoint", 2),
         ("training.status", 2), ("training.status", 3), ("lifecycle.stage", 3)]

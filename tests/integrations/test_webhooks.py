@@ -27,7 +27,7 @@ def test_inline_object_and_file_list_give_targets(tmp_path):
 @pytest.mark.parametrize("value, fragment", [
     ("/no/such/hooks.json", "no such file"),
     ("{not json", "not valid JSON"),
-    ('{"webhook_url": "ftp://x"}', "webhook_url must be an http(s) URL"),
+    ('{"webhook_url": "ftp://x"}', "must be an http(s) URL"),
     ('{"webhook_url": "http://x", "webhook_type": "slack"}', "webhook_type 'slack'"),
     ('{"webhook_url": "http://x", "colour": "red"}', "unknown key(s) colour"),
     ('{"webhook_url": "http://x", "log_level": "loud"}', "log_level 'loud'"),
@@ -52,13 +52,22 @@ def test_discord_body_is_a_chat_message_with_the_job_id():
     assert len(body["content"]) == webhooks.DISCORD_LIMIT
 
 
-def test_job_id_prefers_environment_then_explicit_run_name(monkeypatch):
+def test_job_id_is_the_environment_variable_or_null(monkeypatch):
     monkeypatch.setenv("SIMPLETUNER_JOB_ID", "from-env")
     assert webhooks.job_id(Settings({"tracker_run_name": "named"})) == "from-env"
     monkeypatch.delenv("SIMPLETUNER_JOB_ID")
-    assert webhooks.job_id(Settings({"tracker_run_name": "named"})) == "named"
-    generated = {webhooks.job_id(Settings()) for _ in range(2)}
-    assert len(generated) == 2 and all(job.startswith("run-") for job in generated)
+    assert webhooks.job_id(Settings({"tracker_run_name": "named"})) is None
+
+
+def test_raw_targets_may_name_their_url_callback_url():
+    from simpletuner.config.errors import ConfigError
+    from simpletuner.integrations.webhook_config import load_webhook_targets
+
+    (target,) = load_webhook_targets('{"webhook_type": "raw", "callback_url": "http://127.0.0.1:9/x"}')
+    assert target.url == "http://127.0.0.1:9/x"
+    for broken in ('{"webhook_type": "raw"}', '{"webhook_type": "carrier-pigeon", "webhook_url": "http://x"}'):
+        with pytest.raises(ConfigError):
+            load_webhook_targets(broken)
 
 
 def test_sender_delivers_in_order_and_send_event_reaches_the_active_job(receiver):
@@ -83,20 +92,21 @@ def test_unreachable_target_is_logged_not_raised(caplog):
     assert "Webhook delivery to http://127.0.0.1:9/closed failed" in caplog.text
 
 
-def test_factory_is_off_without_config_and_reads_the_interval():
+def test_factory_is_off_without_config_and_reads_the_interval(monkeypatch):
+    monkeypatch.setenv("SIMPLETUNER_JOB_ID", "r")
     assert webhook_callback(Settings()) is None
     callback = webhook_callback(Settings({"webhook_config": '{"webhook_url": "http://x"}',
-                                          "webhook_reporting_interval": 5, "tracker_run_name": "r"}))
+                                          "webhook_reporting_interval": 5}))
     assert callback.interval_s == 5.0 and callback.job_id == "r"
 
 
-def test_error_hook_sends_an_error_event_and_closes(receiver):
+def test_error_hook_sends_an_error_event_and_closes(receiver, monkeypatch):
     from types import SimpleNamespace
 
     from simpletuner.training.run_state import RunState
 
-    callback = webhook_callback(Settings({"webhook_config": json.dumps({"webhook_url": receiver.url("/raw")}),
-                                          "tracker_run_name": "job-e"}))
+    monkeypatch.setenv("SIMPLETUNER_JOB_ID", "job-e")
+    callback = webhook_callback(Settings({"webhook_config": json.dumps({"webhook_url": receiver.url("/raw")})}))
     trainer = SimpleNamespace(accelerator=SimpleNamespace(is_main_process=True), state=RunState(global_step=2),
                               total_steps=5)
     callback.on_train_start(trainer)
