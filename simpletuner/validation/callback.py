@@ -212,7 +212,7 @@ class ValidationCallback(Callback):
             saved.append(os.path.join(folder, image_name(step, prompt_slug, key)))
             save_png(combined, folder, image_name(step, prompt_slug, key))
             by_tag.setdefault(f"validation/{prompt_slug}_{key.size_label}", []).append(combined)
-        log_images(trainer.accelerator, by_tag, step)
+        log_images(trainer.accelerator, by_tag, step, self.settings.tracker_image_layout or "gallery")
         logger.info("Saved %d validation images for step %d in %s", len(panels), step, folder)
         send_event("validation", {"global_step": step, "images": saved},
                    message=f"Validation images for step {step} saved to {folder}")

@@ -43,8 +43,9 @@ OPTIONS = [
     opt("tracker_run_name", "str", "simpletuner-testing",
         "Name of this run in the tracker.", status=BUILT),
     opt("tracker_image_layout", "str", "gallery",
-        "How validation images are arranged in the tracker.", choices=("gallery", "table"),
-        status=PLANNED),
+        "How validation images are arranged in wandb: a gallery per prompt and size, or one table with a row "
+        "per image (TensorBoard always shows image grids).", choices=("gallery", "table"),
+        status=BUILT),
     # Webhooks
     opt("webhook_config", "str", None,
         "Webhook targets (Discord or plain HTTP) for training events, as inline JSON or a path to a JSON "
