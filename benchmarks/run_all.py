@@ -4,6 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-for script in ("step_benchmark.py", "caching_benchmark.py"):
+for script in ("step_benchmark.py", "caching_benchmark.py", "memory_benchmark.py"):
     print(f"== {script}", flush=True)
     subprocess.run([sys.executable, str(Path(__file__).parent / script)], check=True)
