@@ -19,6 +19,7 @@ CALLBACK_FACTORIES: list[str] = [
     "simpletuner.integrations.user_scripts:post_checkpoint_callback",
     "simpletuner.training.checkpointing:interval_callback",
     "simpletuner.training.text_encoder_training:text_encoder_limit_callback",
+    "simpletuner.integrations.publishing:publishing_callback",
 ]
 
 

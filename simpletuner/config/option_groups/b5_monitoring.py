@@ -64,11 +64,12 @@ OPTIONS = [
         "Hub repository name, also used for the output folder name; unset derives one from the run.",
         status=PLANNED),
     opt("publishing_config", "str", None,
-        "Extra upload targets besides the Hub (S3, Backblaze B2, Azure Blob, Dropbox), as inline JSON or a "
-        "path to a JSON file holding a list of provider entries.", status=PLANNED),
+        "Upload targets for the finished model besides the Hub, as inline JSON or a path to a JSON file "
+        "holding a list of provider entries; s3 and backblaze_b2 are built, azure_blob and dropbox are not yet.",
+        status=BUILT),
     opt("post_upload_script", "str", None,
         "Command run in the background after each upload (or save, when nothing is uploaded). Same "
-        "placeholders as validation_external_script plus {remote_checkpoint_path}.", status=PLANNED),
+        "placeholders as validation_external_script plus {remote_checkpoint_path}.", status=BUILT),
     opt("model_card_private", "bool", False,
         "Create the Hub repository as private.", status=PLANNED),
     opt("model_card_safe_for_work", "bool", False,
