@@ -45,6 +45,8 @@ def render() -> str:
             status = option.status + (" (required)" if option.required else "")
             if option.planned_choices:
                 status += "; planned values: " + ", ".join(str(c) for c in option.planned_choices)
+            if option.requires:
+                status += f"; needs {option.requires}"
             if option.gated_choices:
                 status += "; hardware-gated: " + ", ".join(str(c) for c in option.gated_choices)
             lines.append(f"| {name} | {option.kind} | {_cell(option.default)} | {_cell(choices)} | {_cell(status)} | "

@@ -36,6 +36,8 @@ class Option:
     # Choices that need particular hardware or packages: choice -> requirement key
     # (see simpletuner.config.hardware.REQUIREMENTS).
     gated_choices: Mapping[Any, str] = field(default_factory=dict)
+    # Hardware/package requirement of the option itself (any non-default value needs it).
+    requires: str | None = None
     # Required for `simpletuner train` (the reference marks these as mandatory).
     required: bool = False
     # For "str" options that are really numbers-or-strings etc.; None means plain kind parsing.

@@ -51,6 +51,11 @@ def implementation_errors(settings: Settings) -> list[ConfigError]:
     errors = []
     for name, value in settings.explicit().items():
         option = OPTIONS[name]
+        needs = hardware.unmet(option.requires) if option.requires and value != option.default else None
+        if needs:
+            errors.append(ConfigError(name, f"{name} needs {needs}, which this machine does not have. "
+                                            f"Remove it from your config or run on hardware that provides it."))
+            continue
         if option.status == PLANNED and value != option.default:
             errors.append(ConfigError(name, f"{name} is not implemented yet (you set it to {value!r}). "
                                             f"Remove it from your config to train with the default ({option.default!r})."))

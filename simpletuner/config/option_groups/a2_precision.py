@@ -90,29 +90,29 @@ OPTIONS = [
     # RamTorch
     opt("ramtorch", "bool", False,
         "Swap Linear layers for RamTorch versions whose weights live in CPU memory and stream to the GPU "
-        "(CUDA/ROCm only; not with group offloading). Implies set_grads_to_none.", status=PLANNED),
+        "(CUDA/ROCm only; not with group offloading). Implies set_grads_to_none.", status=PLANNED, requires="ramtorch"),
     opt("ramtorch_target_modules", "str", None,
         "Comma-separated glob patterns of module or class names to convert with RamTorch; unset converts "
-        "every Linear layer.", status=PLANNED),
+        "every Linear layer.", status=PLANNED, requires="ramtorch"),
     opt("ramtorch_text_encoder", "bool", False,
-        "Also convert the text encoders' Linear layers to RamTorch.", status=PLANNED),
+        "Also convert the text encoders' Linear layers to RamTorch.", status=PLANNED, requires="ramtorch"),
     opt("ramtorch_vae", "bool", False,
         "Experimental: convert the Linear layers of the VAE mid-block to RamTorch; convolutions stay as "
-        "they are.", status=PLANNED),
+        "they are.", status=PLANNED, requires="ramtorch"),
     opt("ramtorch_controlnet", "bool", False,
-        "Also convert the ControlNet's Linear layers to RamTorch when one is trained.", status=PLANNED),
+        "Also convert the ControlNet's Linear layers to RamTorch when one is trained.", status=PLANNED, requires="ramtorch"),
     opt("ramtorch_transformer_percent", "int", 100,
         "Share (0-100) of the transformer's eligible Linear layers, counted from the start, that RamTorch "
-        "offloads.", status=PLANNED),
+        "offloads.", status=PLANNED, requires="ramtorch"),
     opt("ramtorch_text_encoder_percent", "int", 100,
         "Share (0-100) of text-encoder Linear layers offloaded when ramtorch_text_encoder is on.",
-        status=PLANNED),
+        status=PLANNED, requires="ramtorch"),
     opt("ramtorch_disable_sync_hooks", "bool", False,
         "Drop the synchronisation hooks placed after RamTorch layers; faster, but outputs may become "
-        "non-deterministic or wrong.", status=PLANNED),
+        "non-deterministic or wrong.", status=PLANNED, requires="ramtorch"),
     opt("ramtorch_disable_extensions", "bool", True,
         "Limit RamTorch to Linear layers; set false to also offload Embedding, norm and Conv layers.",
-        status=PLANNED),
+        status=PLANNED, requires="ramtorch"),
     # Attention and other memory switches
     opt("unet_attention_slice", "bool", False,
         "Compute UNet attention in slices (UNet families only) to lower peak memory.", status=BUILT),
@@ -121,7 +121,7 @@ OPTIONS = [
         status=PLANNED),
     opt("fuse_qkv_projections", "bool", False,
         "Fuse the query/key/value projections of attention into one matmul; pays off with Flash Attention 3 "
-        "on Hopper GPUs and falls back to PyTorch SDPA elsewhere.", status=PLANNED),
+        "on Hopper GPUs and falls back to PyTorch SDPA elsewhere.", status=PLANNED, requires="flash_attn_3"),
     opt("sla_config", "str", None,
         "Runtime overrides for the sla attention backend, as JSON or a Python dict literal, e.g. "
         "{\"topk\": 0.15, \"blkq\": 32}.", status=PLANNED),
