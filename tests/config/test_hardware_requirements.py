@@ -14,7 +14,7 @@ def test_option_requirement_is_named_when_unmet(name):
     needs = hardware.unmet(option.requires)
     if needs is None:
         pytest.skip(f"this machine meets {option.requires}")
-    value = {"bool": True, "int": 7, "float": 0.5, "str": "x"}[option.kind]
+    value = {"bool": not option.default, "int": 7, "float": 0.5, "str": "x"}[option.kind]
     (error,) = implementation_errors(Settings({name: value}))
     assert error.key == name and needs in str(error)
 
