@@ -56,7 +56,8 @@ def trainer_run(root: str, model: str, steps: int, batch: int, resolution: int) 
               "data_backend_config": os.path.join(root, "multidatabackend.json"), "optimizer": "adamw_bf16",
               "learning_rate": 1e-4, "lr_scheduler": "constant", "train_batch_size": batch,
               "max_train_steps": steps, "mixed_precision": "no", "seed": 1, "report_to": "none",
-              "resolution": resolution, "resolution_type": "pixel", "resume_from_checkpoint": "none"}
+              "resolution": resolution, "resolution_type": "pixel", "resume_from_checkpoint": "none",
+              "max_grad_norm": 0, "lora_dropout": 0}  # like the bare loop: no clipping, no LoRA dropout
     settings = load_config([f"--{k}={v}" for k, v in config.items()], environ={"CONFIG_BACKEND": "cmd"}).settings
     stamps: list[float] = []
 
