@@ -131,10 +131,10 @@ def controlnet_problems(settings) -> list[ConfigError]:
             problems.append(ConfigError(name, f"{name} {what}, which a ControlNet run does not do yet; remove it "
                                               "or set controlnet=false."))
     if _renders_validation_images(settings):
-        problems.append(ConfigError("validation_disable", "validation images cannot be rendered with a ControlNet "
-                                                          "yet (validation does not drive the ControlNet pipeline "
-                                                          "with a control image); set validation_disable=true, or "
-                                                          "remove the validation prompts, to train it."))
+        for name, what in _NOT_WITH_CONTROLNET_VALIDATION.items():
+            if getattr(settings, name, None):
+                problems.append(ConfigError(name, f"{name} {what}, which is not implemented for ControlNet "
+                                                  "validation renders; remove it or set validation_disable=true."))
     return problems
 
 
@@ -143,6 +143,11 @@ _NOT_WITH_CONTROLNET = {
     "init_lora": "seeds a LoRA on the denoiser",
     "train_text_encoder": "trains the text encoders",
     "layer_freeze_strategy": "chooses which denoiser layers train",
+}
+# Validation options a ControlNet run's renders (text-to-image with a control image) cannot honour yet.
+_NOT_WITH_CONTROLNET_VALIDATION = {
+    "validation_using_datasets": "renders image-to-image from dataset images",
+    "validation_torch_compile": "compiles the denoiser for validation renders",
 }
 _PROMPT_SOURCES = ("validation_prompt", "user_prompt_library", "validation_prompt_library", "validation_using_datasets")
 

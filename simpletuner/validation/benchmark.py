@@ -30,7 +30,9 @@ RENDER_SETTINGS = ("model_family", "model_flavour", "pretrained_model_name_or_pa
                    "validation_no_cfg_until_timestep", "prediction_type", "mixed_precision")
 
 
-def fingerprint(settings, prompts: list[ValidationPrompt], keys: list[RenderKey], seed: int) -> str:
+def fingerprint(settings, prompts: list[ValidationPrompt], keys: list[RenderKey], seed: int,
+                control_source: str | None = None) -> str:
+    """``control_source``: a ControlNet run's validation control image (``control.ControlImage.source``)."""
     identity = {
         "settings": {name: getattr(settings, name) for name in RENDER_SETTINGS},
         "prompts": [[p.shortname, p.text, p.input_source] if p.input_source else [p.shortname, p.text]
@@ -38,6 +40,9 @@ def fingerprint(settings, prompts: list[ValidationPrompt], keys: list[RenderKey]
         "keys": [[k.shortname, k.width, k.height, k.index] for k in keys],
         "seed": seed,
     }
+    if control_source is not None:  # only then, so other runs keep their stored benchmarks
+        identity["controlnet"] = {"control_image": control_source, "model": settings.controlnet_model_name_or_path,
+                                  "custom_config": settings.controlnet_custom_config}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 

@@ -18,7 +18,8 @@ the benchmark render (when there is one), then the trained weights' render,
 then the EMA weights' render (ema_validation=comparison), side by side; with
 validation adapters, that row repeats per adapter run (``adapter_specs``).
 With validation_using_datasets, dataset images join the prompts and render
-image-to-image, their input shown at validation_stitch_input_location.
+image-to-image, their input shown at validation_stitch_input_location. A
+ControlNet run renders with its control image (``control``), shown there too.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from simpletuner.validation.adapter_specs import AdapterRun, adapter_runs
 from simpletuner.validation.checks import EXTERNAL_METHOD, validation_errors
 from simpletuner.validation.clip_score import ClipScorer, summarize
 from simpletuner.validation.compiled import ValidationCompiler
+from simpletuner.validation.control import ControlImage, controlled_denoiser, first_control_image
 from simpletuner.validation.dataset_inputs import dataset_prompts, input_dataset_ids
 from simpletuner.validation.eval_loss import EvalLoss, eval_specs, open_eval_sets, tracker_values
 from simpletuner.validation.images import (IMAGES_FOLDER, RenderKey, fixed_seed, image_name, render_keys, round_seed,
@@ -73,6 +75,7 @@ class ValidationCallback(Callback):
         self.last_evaluated: int | None = None
         self._rendered: dict[tuple[str, RenderKey], Image.Image] = {}  # this step's renders, for CLIP to reuse
         self._step_seed: int | None = None
+        self._control_image: ControlImage | None = None
 
     # --- hooks -------------------------------------------------------------------------------
     def on_train_start(self, trainer) -> None:
@@ -94,7 +97,7 @@ class ValidationCallback(Callback):
                 if wants_inputs:
                     self._add_dataset_prompts(trainer)
                 if wants_adapters:
-                    check_runs(trainer.family, self._live_denoiser(trainer), self.runs, adapter_option(self.settings))
+                    check_runs(trainer.family, self._adapter_target(trainer), self.runs, adapter_option(self.settings))
                 if wants_eval_sets:
                     self.eval_loss = EvalLoss(open_eval_sets(trainer), trainer.family, trainer.loss_step,
                                               self.settings)
@@ -167,9 +170,23 @@ class ValidationCallback(Callback):
     def _live_denoiser(trainer):
         return trainer.accelerator.unwrap_model(trainer.model)
 
+    def _adapter_target(self, trainer):
+        """What validation adapters attach to: the denoiser (in a ControlNet run, the frozen one beside it)."""
+        live = self._live_denoiser(trainer)
+        controlled = controlled_denoiser(live)
+        return controlled.denoiser if controlled is not None else live
+
+    def _control(self, trainer) -> ControlImage | None:
+        """A ControlNet run's validation control image (loaded once), or None."""
+        if self.settings.controlnet and self._control_image is None:
+            self._control_image = first_control_image(trainer.data.conditioning, trainer.data.indexes())
+            logger.info("Validation renders use the control image %s", self._control_image.source)
+        return self._control_image
+
     def _renderer(self, trainer, seed: int) -> Renderer:
         denoiser = self.compiler.denoiser_for(self._live_denoiser(trainer))
-        return Renderer(trainer.family, denoiser, self.settings, trainer.device, seed, trainer.accelerator.autocast)
+        return Renderer(trainer.family, denoiser, self.settings, trainer.device, seed, trainer.accelerator.autocast,
+                        control_image=self._control(trainer))
 
     def _validate(self, trainer, step: int) -> None:
         seed = round_seed(self.settings)
@@ -185,7 +202,7 @@ class ValidationCallback(Callback):
         with tqdm(total=len(keys) * len(variants) * len(self.runs), desc=f"Validation (step {step})",
                   unit="image", leave=False) as bar:
             for run in self.runs:
-                with run_attached(trainer.family, self._live_denoiser(trainer), run, option):
+                with run_attached(trainer.family, self._adapter_target(trainer), run, option):
                     for label, swapped in variants:
                         with swapped():
                             self._render_keys(renderer, keys, _run_label(label, run), panels, bar)
@@ -208,7 +225,10 @@ class ValidationCallback(Callback):
         for key, images in panels.items():
             prompt = self.by_name[key.shortname]
             prompt_slug = prompt.slug
-            combined = stitch(with_input(images, prompt.input_image, location))
+            shown = prompt.input_image
+            if shown is None and self._control_image is not None:
+                shown = self._control_image.at(key.width, key.height)
+            combined = stitch(with_input(images, shown, location))
             saved.append(os.path.join(folder, image_name(step, prompt_slug, key)))
             save_png(combined, folder, image_name(step, prompt_slug, key))
             by_tag.setdefault(f"validation/{prompt_slug}_{key.size_label}", []).append(combined)
@@ -250,7 +270,9 @@ class ValidationCallback(Callback):
     def _prepare_benchmark(self, trainer) -> None:
         seed = fixed_seed(self.settings)
         keys = render_keys(self.prompts, self.sizes, self.count)
-        fingerprint = benchmarks.fingerprint(self.settings, self.prompts, keys, seed)
+        control = self._control(trainer)
+        fingerprint = benchmarks.fingerprint(self.settings, self.prompts, keys, seed,
+                                             control.source if control is not None else None)
         benchmark = benchmarks.Benchmark(self.settings.output_dir, fingerprint)
         if benchmark.load(self.by_name, keys):
             self.benchmark = benchmark

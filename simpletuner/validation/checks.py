@@ -77,15 +77,26 @@ def _family_errors(settings) -> list[ConfigError]:
     problem = scheduler_problem(settings.validation_noise_scheduler, bool(family.flow_matching), family.name)
     if problem:
         errors.append(ConfigError("validation_noise_scheduler", problem))
+    pipeline_class = _render_pipeline_class(settings, family)
     errors.extend(ConfigError(option, message)
-                  for option, message in sampling_problems(settings, family.pipeline_class, family.name))
-    delay = delay_problem(settings, family.pipeline_class, family.name)
+                  for option, message in sampling_problems(settings, pipeline_class, family.name))
+    delay = delay_problem(settings, pipeline_class, family.name)
     if delay:
         errors.append(ConfigError("validation_no_cfg_until_timestep", delay))
     errors.extend(_adapter_errors(settings, family))
     if settings.validation_using_datasets:
         errors.extend(_img2img_errors(settings, family))
     return errors
+
+
+def _render_pipeline_class(settings, family):
+    """The pipeline renders use; the family's own when its ControlNet settings are refused elsewhere."""
+    from simpletuner.validation.control import render_pipeline_class
+
+    try:
+        return render_pipeline_class(settings, family)
+    except ConfigError:  # no ControlNet for this family: controlnet_problems reports it
+        return family.pipeline_class
 
 
 def _adapter_errors(settings, family) -> list[ConfigError]:

@@ -5,6 +5,8 @@ image-to-image pipeline when a prompt first brings an input image
 (validation_using_datasets). Each pipeline gets the sampling arguments it
 accepts; img2img renders keep their input's size and the pipeline's own
 default strength. Image ``index`` draws its noise from seed ``seed + index``.
+A ControlNet run renders with the family's ControlNet pipeline and a control
+image (``control.ControlRenders``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from contextlib import nullcontext
 import torch
 from PIL import Image
 
+from simpletuner.config.errors import ConfigError
 from simpletuner.validation.cfg_delay import DelayedTrueCfg, delayed_steps
+from simpletuner.validation.control import ControlImage, ControlRenders, controlled_denoiser
 from simpletuner.validation.images import RenderKey, generator_device
 from simpletuner.validation.prompts import ValidationPrompt
 from simpletuner.validation.sampling import call_arguments, pipeline_arguments
@@ -45,10 +49,14 @@ class _Sampler:
 
 
 class Renderer:
-    def __init__(self, family, denoiser: torch.nn.Module, settings, device: torch.device, seed: int, autocast):
+    def __init__(self, family, denoiser: torch.nn.Module, settings, device: torch.device, seed: int, autocast,
+                 control_image: ControlImage | None = None):
+        """``control_image`` is required when ``denoiser`` is a ControlNet run's ControlledDenoiser."""
         self.family = family
         self.denoiser = denoiser
+        self.control = _control_renders(denoiser, control_image)
         self.settings = settings
+        self.device = device
         self.generator_device = generator_device(settings, device)
         self.seed = seed
         self.autocast = autocast  # a callable returning the accelerator's autocast context
@@ -61,7 +69,13 @@ class Renderer:
 
     def _sampler(self, img2img: bool) -> _Sampler:
         extra = {"img2img": True} if img2img else {}
-        pipeline = self.family.build_pipeline(denoiser=self.denoiser, **extra)
+        if self.control is None:
+            pipeline = self.family.build_pipeline(denoiser=self.denoiser, **extra)
+        elif img2img:
+            raise ConfigError("validation_using_datasets", "image-to-image validation renders are not implemented "
+                                                           "for ControlNet runs; turn validation_using_datasets off.")
+        else:
+            pipeline = self.control.pipeline(self.family.build_pipeline(denoiser=self.control.controlled.denoiser))
         scheduler = validation_scheduler(self.settings.validation_noise_scheduler, pipeline.scheduler,
                                          bool(self.family.flow_matching))
         if scheduler is not None:
@@ -79,7 +93,22 @@ class Renderer:
         generator = torch.Generator(device=self.generator_device).manual_seed(self.seed + key.index)
         inputs = {"width": key.width, "height": key.height}
         sampler = self.text_to_image
+        if self.control is not None:
+            inputs.update(self.control.inputs(key.width, key.height))
         if prompt.input_image is not None:
             sampler = self.image_to_image
             inputs["image"] = prompt.input_image
-        return sampler.run(prompt.text, inputs, generator, self.autocast)
+        seeded = self.control.seeded(self.seed + key.index, self.device) if self.control else nullcontext()
+        with seeded:
+            return sampler.run(prompt.text, inputs, generator, self.autocast)
+
+
+def _control_renders(denoiser: torch.nn.Module, control_image: ControlImage | None) -> ControlRenders | None:
+    controlled = controlled_denoiser(denoiser)
+    if controlled is None:
+        if control_image is not None:
+            raise ValueError("a control image was given, but the denoiser has no ControlNet to read it")
+        return None
+    if control_image is None:
+        raise ValueError("rendering with a ControlNet needs a control image")
+    return ControlRenders(controlled, control_image)

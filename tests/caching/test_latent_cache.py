@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from helpers.images import write_noise_images
 from simpletuner.caching.store import TensorStore
 from simpletuner.caching.vae import (REASON_BROKEN, REASON_FILE_CHANGED, REASON_GEOMETRY, REASON_MISSING,
                                      REASON_MODEL, REASON_NEW, LatentCache)
@@ -38,12 +39,7 @@ def load_resized(record, storage):
 @pytest.fixture
 def dataset(tmp_path):
     folder = tmp_path / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for index in range(5):
-        size = (64, 64) if index < 3 else (96, 64)
-        pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"img{index}.png")
+    write_noise_images(folder, [(64, 64)] * 3 + [(96, 64)] * 2, seed=0, stem="img")
     storage = LocalStorage(str(folder))
     records = [make_record(storage, path) for path in storage.list_files()]
     return storage, records

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from helpers.images import copy_sample_images
 from helpers.runs import base_config
 from simpletuner.cli import main as cli_main
 
@@ -13,12 +14,10 @@ def cache_files(root: Path) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in (root / "cache").rglob("*.safetensors")}
 
 
-def test_second_run_reencodes_nothing_and_resolution_change_does(tmp_path, monkeypatch, capsys):
-    from simpletuner.demo.sample_data import make_sample_images
-    from simpletuner.models.tiny import build_tiny
-
-    make_sample_images(str(tmp_path / "images"), count=4)
-    model = build_tiny("sd1x", str(tmp_path / "model"))
+def test_second_run_reencodes_nothing_and_resolution_change_does(tiny_model, sample_images, tmp_path, monkeypatch,
+                                                                 capsys):
+    copy_sample_images(sample_images, tmp_path / "images", count=4)
+    model = tiny_model("sd1x")
     (tmp_path / "config").mkdir()
     config = base_config("sd1x", model, tmp_path, tmp_path / "images")
     (tmp_path / "config" / "config.json").write_text(json.dumps(config))

@@ -9,7 +9,7 @@ import pytest
 
 from simpletuner.cli import main as cli_main
 from simpletuner.config.loader import EXAMPLES_DIR, example_names
-from simpletuner.models.tiny import SUPPORTED_FAMILIES, build_tiny
+from simpletuner.models.tiny import SUPPORTED_FAMILIES
 
 
 def test_list_shows_every_preset(capsys):
@@ -28,26 +28,17 @@ def test_copy_points_companion_files_at_the_copy(tmp_path, monkeypatch, capsys):
     assert cli_main(["examples", "copy", "no-such-preset"]) == 2
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    from simpletuner.demo.sample_data import make_sample_images
-
-    folder = tmp_path_factory.mktemp("preset-images")
-    make_sample_images(str(folder), count=6)
-    return folder
-
-
 def _family_of(name: str) -> str:
     folder = EXAMPLES_DIR / name
     return json.loads((folder / "config.json").read_text())["model_family"]
 
 
 @pytest.mark.parametrize("name", example_names())
-def test_each_preset_passes_check_on_the_tiny_model(name, images, tmp_path, monkeypatch, capsys):
+def test_each_preset_passes_check_on_the_tiny_model(name, tiny_model, images, tmp_path, monkeypatch, capsys):
     family = _family_of(name)
     if family not in SUPPORTED_FAMILIES:
         pytest.skip(f"no tiny {family} model to point the preset at")
-    model = build_tiny(family, str(tmp_path / "model"))
+    model = tiny_model(family)
     datasets = json.loads((EXAMPLES_DIR / name / "multidatabackend.json").read_text())
     for dataset in datasets:
         if dataset.get("dataset_type", "image") == "image":

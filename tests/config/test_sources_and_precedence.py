@@ -6,15 +6,14 @@ import json
 
 import pytest
 
+from helpers.images import copy_sample_images
 from simpletuner.cli import main as cli_main
 
 
 @pytest.fixture
-def project(tmp_path, monkeypatch):
+def project(sample_images, tmp_path, monkeypatch):
     """A folder with a tiny image dataset and no config yet; the cwd of each test."""
-    from simpletuner.demo.sample_data import make_sample_images
-
-    make_sample_images(str(tmp_path / "data"), count=4)
+    copy_sample_images(sample_images, tmp_path / "data", count=4)
     (tmp_path / "config").mkdir()
     backends = [
         {"id": "images", "type": "local", "instance_data_dir": str(tmp_path / "data"), "caption_strategy": "textfile",

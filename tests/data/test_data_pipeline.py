@@ -1,10 +1,9 @@
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from helpers.images import write_noise_images
 from simpletuner.config.settings import Settings
 from simpletuner.data.pipeline import prepare_data
 
@@ -35,11 +34,8 @@ class FakeFamily:
 @pytest.fixture
 def workspace(tmp_path):
     images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(1)
+    write_noise_images(images, [(96, 64) if number % 2 else (64, 96) for number in range(6)], seed=1, stem="p")
     for number in range(6):
-        size = (96, 64) if number % 2 else (64, 96)
-        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(images / f"p{number}.png")
         (images / f"p{number}.txt").write_text(f"photo number {number}\nanother caption {number}")
     config = tmp_path / "multidatabackend.json"
 
@@ -92,10 +88,7 @@ def test_report_explains_model_and_resolution_changes(workspace):
 
 def test_clear_each_epoch_recrops_and_encodes_at_batch_time(tmp_path):
     images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(2)
-    for number in range(4):
-        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(images / f"w{number}.png")
+    write_noise_images(images, [(128, 96)] * 4, seed=2, stem="w")
     config = tmp_path / "multidatabackend.json"
     config.write_text(json.dumps([
         {"id": "wide", "instance_data_dir": str(images), "resolution": 64, "resolution_type": "pixel", "crop": True,

@@ -3,12 +3,11 @@
 import io
 import json
 import pickle
-import socket
 
-import boto3
 import pytest
 from PIL import Image
 
+from helpers.s3 import KEYS, moto_endpoint, s3_client
 from simpletuner.config.settings import Settings
 from simpletuner.data.dataset_config import load_dataset_config
 from simpletuner.data.discovery import bucket_index_name, discover_dataset
@@ -17,24 +16,13 @@ from simpletuner.data.storage.factory import make_cache_storage, make_storage
 from simpletuner.data.storage.s3 import S3Storage
 from simpletuner.data.transforms import load_pixels
 
-moto_server = pytest.importorskip("moto.server")
-
-KEYS = {"access_key": "testing-key", "secret_key": "testing-secret", "region": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+pytest.importorskip("moto.server")
 
 
 @pytest.fixture(scope="module")
 def endpoint():
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    with moto_endpoint() as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)
@@ -49,8 +37,7 @@ def fake_credentials(monkeypatch):
 @pytest.fixture
 def bucket(endpoint, request):
     name = "bucket-" + request.node.name.replace("_", "-")[:40].lower()
-    client = boto3.client("s3", endpoint_url=endpoint, region_name=KEYS["region"],
-                          aws_access_key_id=KEYS["access_key"], aws_secret_access_key=KEYS["secret_key"])
+    client = s3_client(endpoint)
     client.create_bucket(Bucket=name)
     return name, client
 

@@ -22,13 +22,12 @@ IMAGES = 8
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tiny_model, tmp_path_factory):
     from simpletuner.demo.sample_data import make_sample_images
-    from simpletuner.models.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("distributed")
-    make_sample_images(str(root / "images"), count=IMAGES)
-    return Path(build_tiny("sd1x", str(root / "model"))), root / "images"
+    make_sample_images(str(root / "images"), count=IMAGES)  # more than the six shared sample images
+    return Path(tiny_model("sd1x")), root / "images"
 
 
 def write_config(folder: Path, assets, **overrides) -> dict:

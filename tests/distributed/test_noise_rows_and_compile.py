@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers.runs import base_config
+from helpers.images import copy_sample_images
+from helpers.runs import base_config, run_trainer
 from simpletuner.config.settings import Settings
 from simpletuner.data.types import TrainingBatch
 from simpletuner.training.compilation import compile_repeated_blocks, compile_spec
@@ -65,21 +66,14 @@ def test_regional_compilation_covers_every_block_of_a_repeated_list():
     assert model[1][0]._compiled_call_impl is not None and getattr(model[0], "_compiled_call_impl", None) is None
 
 
-def test_a_compiled_lora_run_saves_loadable_weights(tmp_path):
+def test_a_compiled_lora_run_saves_loadable_weights(tiny_model, sample_images, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from simpletuner.config.loader import load_config
-    from simpletuner.demo.sample_data import make_sample_images
-    from simpletuner.models.tiny import build_tiny
-    from simpletuner.training.trainer import Trainer
-
-    model = build_tiny("sd1x", str(tmp_path / "model"))
-    make_sample_images(str(tmp_path / "images"), count=4)
+    model = tiny_model("sd1x")
+    copy_sample_images(sample_images, tmp_path / "images", count=4)
     config = base_config("sd1x", model, tmp_path, tmp_path / "images", max_train_steps=2,
                          dynamo_backend="eager", dynamo_use_regional_compilation=True)
-    settings = load_config([f"--{k}={v}" for k, v in config.items()], environ={"CONFIG_BACKEND": "cmd"}).settings
-    trainer = Trainer(settings)
-    trainer.run()
+    trainer = run_trainer(config)
     compiled = [m for m in trainer.components.denoiser.modules() if getattr(m, "_compiled_call_impl", None)]
     assert compiled and getattr(trainer.components.denoiser, "_compiled_call_impl", None) is None
     pipeline = StableDiffusionPipeline.from_pretrained(model)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.images import copy_sample_images
 from simpletuner.cli import COMMANDS
 from simpletuner.cli import main as cli_main
 from simpletuner.config.options import canonical_name
@@ -51,13 +52,10 @@ def test_options_and_subcommands_exist(where, argv):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    from simpletuner.demo.sample_data import make_sample_images
-    from simpletuner.models.tiny import build_tiny
-
+def project(tiny_model, sample_images, tmp_path_factory):
     root = tmp_path_factory.mktemp("documented")
-    model = build_tiny("sd1x", str(root / "model"))
-    make_sample_images(str(root / "images"), count=4)
+    model = tiny_model("sd1x")
+    copy_sample_images(sample_images, root / "images", count=4)
     datasets = [
         {"id": "images", "type": "local", "instance_data_dir": str(root / "images"), "caption_strategy": "textfile",
          "resolution": 64, "resolution_type": "pixel", "minimum_image_size": 32, "crop": True,

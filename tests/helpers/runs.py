@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from simpletuner.config.loader import load_config
+from simpletuner.config.validate import validate_settings
 from simpletuner.training.trainer import Trainer
 
 
@@ -34,12 +35,17 @@ def base_config(family: str, model_dir: Path, root: Path, images: Path, **overri
     return config
 
 
-def train(config: dict):
-    """Run the trainer in-process on a config dict; returns its RunState."""
+def run_trainer(config: dict) -> Trainer:
+    """Validate a config dict, then run the trainer in-process on it; returns the Trainer, to inspect after."""
     argv = [f"--{key}={value}" for key, value in config.items()]
     settings = load_config(argv, environ={"CONFIG_BACKEND": "cmd"}).settings
-    from simpletuner.config.validate import validate_settings
-
     errors = validate_settings(settings)
-    assert not errors, "\n".join(str(e) for e in errors)
-    return Trainer(settings).run()
+    assert not errors, "\n".join(str(error) for error in errors)
+    trainer = Trainer(settings)
+    trainer.run()
+    return trainer
+
+
+def train(config: dict):
+    """Run the trainer in-process on a config dict; returns its RunState."""
+    return run_trainer(config).state

@@ -16,22 +16,12 @@ from simpletuner.integrations.trackers import tracker_installed
 
 WANDB_BLOCK = 32768  # the .wandb file is a LevelDB-style log of 32 KiB blocks
 WANDB_FULL, WANDB_LAST = 1, 4
+IMAGE_COUNT = 4  # sample images in this module's copy (the `images` fixture in tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    from simpletuner.demo.sample_data import make_sample_images
-
-    folder = tmp_path_factory.mktemp("images")
-    make_sample_images(str(folder), count=4)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from simpletuner.models.tiny import build_tiny
-
-    return build_tiny("sd1x", str(tmp_path_factory.mktemp("models") / "sd1x"))
+def model(tiny_model):
+    return tiny_model("sd1x")
 
 
 def wandb_records(path: str):

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 import sys
 from types import SimpleNamespace
 
-import boto3
 import pytest
 
 from helpers.runs import base_config, train
+from helpers.s3 import KEYS, moto_endpoint, s3_client
 from simpletuner.config.errors import ConfigError
 from simpletuner.config.settings import Settings
 from simpletuner.config.validate import validate_settings
@@ -20,25 +19,16 @@ from simpletuner.integrations.publishing import (PublishingCallback, PublishingF
                                                  publishing_callback)
 from simpletuner.integrations.publishing_config import S3Target, load_publishing_targets
 
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
-KEYS = {"access_key": "testing-key", "secret_key": "testing-secret", "region": "us-east-1"}
 LORA = "pytorch_lora_weights.safetensors"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+IMAGE_COUNT = 4  # sample images in this module's copy (the `images` fixture in tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
 def endpoint():
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    with moto_endpoint() as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)
@@ -50,8 +40,7 @@ def no_ambient_aws(monkeypatch):
 
 
 def make_bucket(endpoint: str, name: str):
-    client = boto3.client("s3", endpoint_url=endpoint, region_name=KEYS["region"],
-                          aws_access_key_id=KEYS["access_key"], aws_secret_access_key=KEYS["secret_key"])
+    client = s3_client(endpoint)
     client.create_bucket(Bucket=name)
     return client
 
@@ -75,19 +64,8 @@ def calls(record) -> list[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    from simpletuner.demo.sample_data import make_sample_images
-
-    folder = tmp_path_factory.mktemp("images")
-    make_sample_images(str(folder), count=4)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from simpletuner.models.tiny import build_tiny
-
-    return build_tiny("sd1x", str(tmp_path_factory.mktemp("models") / "sd1x"))
+def model(tiny_model):
+    return tiny_model("sd1x")
 
 
 def test_lora_run_publishes_final_artifacts_and_runs_the_hook(model, images, tmp_path, endpoint, monkeypatch):

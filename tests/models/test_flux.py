@@ -13,15 +13,14 @@ from simpletuner.config.settings import Settings
 from simpletuner.data.types import TrainingBatch
 from simpletuner.models.flux import Flux, latent_image_ids, pack_latents, unpack_latents
 from simpletuner.models.flux_lora_targets import CONTROLNET_FLUX_LORA_TARGETS, FLUX_LORA_TARGETS, flux_lora_targets
-from simpletuner.models.tiny import build_tiny
 
 CPU = torch.device("cpu")
 SHORT_T5 = 24  # tokenizer_max_length used where the exact length does not matter (faster)
 
 
 @pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory):
-    return build_tiny("flux", str(tmp_path_factory.mktemp("flux") / "tiny-flux"))
+def tiny_flux(tiny_model):
+    return tiny_model("flux")
 
 
 @pytest.fixture(scope="module")

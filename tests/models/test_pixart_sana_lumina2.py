@@ -6,11 +6,9 @@ import pytest
 import torch
 
 from simpletuner.config.loader import EXAMPLES_DIR
+from helpers.families import make_batch, make_family
 from simpletuner.config.settings import Settings
 from simpletuner.config.validate import validate_settings
-from simpletuner.data.types import TrainingBatch
-from simpletuner.models.registry import get_family
-from simpletuner.models.tiny import build_tiny
 
 FAMILIES = ("pixart_sigma", "sana", "lumina2")
 CPU = torch.device("cpu")
@@ -18,35 +16,6 @@ PROMPTS = ["a red circle on a blue background", "horizontal green stripes"]
 # Latent (channels, side) for a 64px image: 8x VAEs give 8x8, Sana's 32x DC-AE gives 2x2.
 LATENT_SHAPES = {"pixart_sigma": (4, 8), "sana": (32, 2), "lumina2": (16, 8)}
 PROMPT_LENGTHS = {"pixart_sigma": 300, "sana": 300, "lumina2": 256}
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {family: build_tiny(family, str(root / family)) for family in FAMILIES}
-
-
-def make_family(model_dirs, family, **options):
-    values = {"model_family": family, "pretrained_model_name_or_path": model_dirs[family], "vae_dtype": "fp32"}
-    values.update(options)
-    return get_family(family)(Settings(values))
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dirs):
-    families = {}
-    for family in FAMILIES:
-        model = make_family(model_dirs, family)
-        model.load(CPU, torch.float32)
-        families[family] = model
-    return families
-
-
-def make_batch(model, latents, prompts):
-    count = latents.shape[0]
-    return TrainingBatch(latents=latents, text=model.encode_text(prompts), original_sizes=[(64, 64)] * count,
-                         crop_coords=[(0, 0)] * count, target_sizes=[(64, 64)] * count,
-                         sample_ids=[f"s{i}" for i in range(count)])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -103,14 +72,14 @@ def test_latents_round_trip_and_prediction_shape(loaded, family):
     assert latents.shape == (2, channels, side, side)
     assert model.decode_latents(latents).shape == (2, 3, 64, 64)
     timesteps = torch.tensor([500.0, 20.0]) if model.flow_matching else torch.tensor([500, 20])
-    prediction = model.predict(make_batch(model, latents, PROMPTS), latents, timesteps)
+    prediction = model.predict(make_batch(model, latents, PROMPTS, sizes=(64, 64)), latents, timesteps)
     assert prediction.shape == latents.shape
 
 
 def test_pixart_drops_the_learned_variance_half(loaded):
     model = loaded["pixart_sigma"]
     latents = torch.randn(2, 4, 8, 8)
-    batch = make_batch(model, latents, PROMPTS)
+    batch = make_batch(model, latents, PROMPTS, sizes=(64, 64))
     timesteps = torch.tensor([900, 10])
     full = model.components.denoiser(latents, encoder_hidden_states=batch.text["prompt_embeds"],
                                      encoder_attention_mask=batch.text["prompt_attention_mask"], timestep=timesteps,
@@ -124,7 +93,7 @@ def test_lumina2_gets_reversed_time_and_its_output_negated(loaded):
     """Lumina 2's transformer takes t = 1 - sigma and predicts latents - noise; predict returns noise - latents."""
     model = loaded["lumina2"]
     latents = torch.randn(2, 16, 8, 8)
-    batch = make_batch(model, latents, PROMPTS)
+    batch = make_batch(model, latents, PROMPTS, sizes=(64, 64))
     sigmas = torch.tensor([0.9, 0.2])
     raw = model.components.denoiser(hidden_states=latents, timestep=1 - sigmas,
                                     encoder_hidden_states=batch.text["prompt_embeds"],
@@ -135,7 +104,7 @@ def test_lumina2_gets_reversed_time_and_its_output_negated(loaded):
 def test_sana_passes_trainer_timesteps_unchanged(loaded):
     model = loaded["sana"]
     latents = torch.randn(2, 32, 2, 2)
-    batch = make_batch(model, latents, PROMPTS)
+    batch = make_batch(model, latents, PROMPTS, sizes=(64, 64))
     timesteps = torch.tensor([900.0, 200.0])
     raw = model.components.denoiser(latents, encoder_hidden_states=batch.text["prompt_embeds"],
                                     encoder_attention_mask=batch.text["prompt_attention_mask"], timestep=timesteps,

@@ -6,11 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers.families import make_batch, make_family
 from simpletuner.config.settings import Settings
-from simpletuner.data.types import TrainingBatch
 from simpletuner.models.registry import get_family
 from simpletuner.models.sd3 import StableDiffusion3
-from simpletuner.models.tiny import build_tiny
 
 FAMILIES = ("sd3", "auraflow")
 CPU = torch.device("cpu")
@@ -18,40 +17,11 @@ PROMPTS = ["a red circle on a blue background", "", "horizontal green stripes"]
 LATENT_CHANNELS = {"sd3": 16, "auraflow": 4}
 
 
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {family: build_tiny(family, str(root / family)) for family in FAMILIES}
-
-
-def make_family(model_dirs, family, **options):
-    values = {"model_family": family, "pretrained_model_name_or_path": model_dirs[family], "vae_dtype": "fp32"}
-    values.update(options)
-    return get_family(family)(Settings(values))
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dirs):
-    families = {}
-    for family in FAMILIES:
-        model = make_family(model_dirs, family)
-        model.load(CPU, torch.float32)
-        families[family] = model
-    return families
-
-
 def sharing(loaded, model_dirs, family, **options):
     """A family with other options that reuses the loaded components (no second load)."""
     model = make_family(model_dirs, family, **options)
     model.components = loaded[family].components
     return model
-
-
-def make_batch(model, latents, prompts):
-    count = latents.shape[0]
-    return TrainingBatch(latents=latents, text=model.encode_text(prompts), original_sizes=[(64, 96)] * count,
-                         crop_coords=[(0, 0)] * count, target_sizes=[(64, 96)] * count,
-                         sample_ids=[f"s{i}" for i in range(count)])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

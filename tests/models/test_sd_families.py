@@ -7,50 +7,15 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 
+from helpers.families import make_batch, make_family
 from simpletuner.config.settings import Settings
-from simpletuner.data.types import TrainingBatch
 from simpletuner.models.registry import get_family
-from simpletuner.models.tiny import build_tiny
 
 FAMILIES = ("sd1x", "sd2x", "sdxl")
 CPU = torch.device("cpu")
 PROMPTS = ["a red circle on a blue background", "horizontal green stripes"]
 # Text widths of the tiny models: (prompt_embeds last dim, pooled dim or None).
 TEXT_WIDTHS = {"sd1x": (32, None), "sd2x": (48, None), "sdxl": (80, 48)}
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {family: build_tiny(family, str(root / family)) for family in FAMILIES}
-
-
-def make_family(model_dirs, family, **options):
-    values = {"model_family": family, "pretrained_model_name_or_path": model_dirs[family], "vae_dtype": "fp32"}
-    values.update(options)
-    return get_family(family)(Settings(values))
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dirs):
-    families = {}
-    for family in FAMILIES:
-        model = make_family(model_dirs, family)
-        model.load(CPU, torch.float32)
-        families[family] = model
-    return families
-
-
-def make_batch(model, latents, prompts, sizes=(64, 96)):
-    count = latents.shape[0]
-    return TrainingBatch(
-        latents=latents,
-        text=model.encode_text(prompts),
-        original_sizes=[sizes] * count,
-        crop_coords=[(0, 0)] * count,
-        target_sizes=[sizes] * count,
-        sample_ids=[f"s{i}" for i in range(count)],
-    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -5,7 +5,6 @@ helpers below rename a tiny diffusers UNet and VAE into that layout (the
 inverse of diffusers' own conversion) so the loader is exercised offline.
 """
 
-import os
 import re
 
 import pytest
@@ -14,7 +13,6 @@ from safetensors.torch import save_file
 
 from simpletuner.config.settings import Settings
 from simpletuner.models.sdxl import StableDiffusionXL
-from simpletuner.models.tiny import build_tiny
 
 RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
                 "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
@@ -122,10 +120,10 @@ def open_clip_to_original(state: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def single_file(tmp_path_factory):
+def single_file(tiny_model, tmp_path_factory):
     from diffusers import StableDiffusionXLPipeline
 
-    folder = build_tiny("sdxl", str(tmp_path_factory.mktemp("sf") / "sdxl"))
+    folder = tiny_model("sdxl")
     pipeline = StableDiffusionXLPipeline.from_pretrained(folder)
     unet, vae = pipeline.unet, pipeline.vae
     with_attention = {i for i, name in enumerate(unet.config.up_block_types) if "CrossAttn" in name}
@@ -133,7 +131,7 @@ def single_file(tmp_path_factory):
     state.update(vae_to_original(vae.state_dict(), len(vae.config.up_block_types)))
     state.update(clip_to_original(pipeline.text_encoder.state_dict()))
     state.update(open_clip_to_original(pipeline.text_encoder_2.state_dict()))
-    path = os.path.join(os.path.dirname(folder), "tiny-sdxl.safetensors")
+    path = str(tmp_path_factory.mktemp("sf") / "tiny-sdxl.safetensors")
     save_file({k: v.contiguous() for k, v in state.items()}, path)
     return folder, path, pipeline
 

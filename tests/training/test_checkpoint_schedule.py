@@ -8,13 +8,8 @@ from helpers.runs import base_config, train
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from simpletuner.demo.sample_data import make_sample_images
-    from simpletuner.models.tiny import build_tiny
-
-    root = tmp_path_factory.mktemp("schedule")
-    make_sample_images(str(root / "images"), count=6)
-    return build_tiny("sd1x", str(root / "model")), root / "images"
+def setup(tiny_model, images):
+    return tiny_model("sd1x"), images
 
 
 def test_epoch_interval_checkpoints(setup, tmp_path):

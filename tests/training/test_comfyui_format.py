@@ -5,16 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers.images import copy_sample_images
 from helpers.runs import base_config, train
 from simpletuner.config.settings import Settings
 from simpletuner.training import comfyui_format
 
 
 @pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from simpletuner.models.tiny import build_tiny
-
-    return build_tiny("sdxl", str(tmp_path_factory.mktemp("models") / "sdxl"))
+def tiny_sdxl(tiny_model):
+    return tiny_model("sdxl")
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +94,10 @@ def test_foreign_keys_are_refused():
         comfyui_format.comfyui_to_peft({"diffusion_model.a.dora_scale": torch.ones(1, 4)})
 
 
-def test_training_with_lora_format_comfyui_writes_comfyui_keys(tiny_sdxl, tmp_path):
-    from simpletuner.demo.sample_data import make_sample_images
+def test_training_with_lora_format_comfyui_writes_comfyui_keys(tiny_sdxl, sample_images, tmp_path):
     from simpletuner.models.registry import get_family
 
-    make_sample_images(str(tmp_path / "images"), count=2)
+    copy_sample_images(sample_images, tmp_path / "images", count=2)
     config = base_config("sdxl", tiny_sdxl, tmp_path, tmp_path / "images", lora_format="comfyui", max_train_steps=2)
     train(config)
     saved, metadata = comfyui_format.read_lora_file(str(tmp_path / "output" / "pytorch_lora_weights.safetensors"))

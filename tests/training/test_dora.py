@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from helpers.images import copy_sample_images
 from helpers.runs import base_config, train
 
 
-def test_dora_trains_and_the_pipeline_loads_it(tmp_path):
+def test_dora_trains_and_the_pipeline_loads_it(tiny_model, sample_images, tmp_path):
     from safetensors.torch import load_file
 
-    from simpletuner.demo.sample_data import make_sample_images
     from simpletuner.models.registry import get_family
-    from simpletuner.models.tiny import build_tiny
 
-    model = build_tiny("sdxl", str(tmp_path / "sdxl"))
-    make_sample_images(str(tmp_path / "images"), count=2)
+    model = tiny_model("sdxl")
+    copy_sample_images(sample_images, tmp_path / "images", count=2)
     config = base_config("sdxl", model, tmp_path, tmp_path / "images", use_dora=True, max_train_steps=2)
     assert train(config).global_step == 2
     saved = load_file(str(tmp_path / "output" / "pytorch_lora_weights.safetensors"))

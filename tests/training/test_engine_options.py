@@ -11,20 +11,12 @@ from helpers.runs import base_config, train
 from simpletuner.config.settings import Settings
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    from simpletuner.demo.sample_data import make_sample_images
-
-    folder = tmp_path_factory.mktemp("images")
-    make_sample_images(str(folder), count=4)
-    return folder
+IMAGE_COUNT = 4  # sample images in this module's copy (the `images` fixture in tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def sd1x_model(tmp_path_factory):
-    from simpletuner.models.tiny import build_tiny
-
-    return build_tiny("sd1x", str(tmp_path_factory.mktemp("models") / "sd1x"))
+def sd1x_model(tiny_model):
+    return tiny_model("sd1x")
 
 
 # --- BitFit ---------------------------------------------------------------------------------------

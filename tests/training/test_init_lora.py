@@ -11,10 +11,8 @@ from simpletuner.training import adapters
 
 
 @pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from simpletuner.models.tiny import build_tiny
-
-    return build_tiny("sdxl", str(tmp_path_factory.mktemp("models") / "sdxl"))
+def tiny_sdxl(tiny_model):
+    return tiny_model("sdxl")
 
 
 @pytest.fixture()

@@ -12,24 +12,7 @@ from simpletuner.config.errors import ConfigError
 from simpletuner.config.settings import Settings
 
 LYCORIS_CASES = [("sdxl", "lokr"), ("sdxl", "loha"), ("flux", "lokr")]
-FAMILIES = sorted({family for family, _ in LYCORIS_CASES})
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    from simpletuner.demo.sample_data import make_sample_images
-
-    folder = tmp_path_factory.mktemp("images")
-    make_sample_images(str(folder), count=4)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    from simpletuner.models.tiny import build_tiny
-
-    root = tmp_path_factory.mktemp("models")
-    return {family: build_tiny(family, str(root / family)) for family in FAMILIES}
+IMAGE_COUNT = 4  # sample images in this module's copy (the `images` fixture in tests/conftest.py)
 
 
 def write_lycoris_config(folder, algo: str = "lokr", **extra) -> str:
@@ -81,18 +64,18 @@ def lycoris_tensors(network) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("family,algo", LYCORIS_CASES)
-def test_lycoris_trains_and_reloads_through_lycoris(family, algo, tiny_models, images, tmp_path):
+def test_lycoris_trains_and_reloads_through_lycoris(family, algo, tiny_model, images, tmp_path):
     from lycoris import create_lycoris_from_weights
     from safetensors.torch import load_file
 
-    config = base_config(family, tiny_models[family], tmp_path, images, lora_type="lycoris", max_train_steps=2,
+    config = base_config(family, tiny_model(family), tmp_path, images, lora_type="lycoris", max_train_steps=2,
                          lycoris_config=write_lycoris_config(tmp_path, algo))
     assert train(config).global_step == 2
     weights_file = tmp_path / "output" / "pytorch_lora_weights.safetensors"
     saved = load_file(str(weights_file))
     assert saved and all(key.startswith("lycoris_") for key in saved)
 
-    denoiser = load_denoiser(family, tiny_models[family])
+    denoiser = load_denoiser(family, tiny_model(family))
     inputs = denoiser_inputs(denoiser)
     before = run_denoiser(denoiser, inputs)
     network, _ = create_lycoris_from_weights(1.0, str(weights_file), denoiser)
@@ -105,8 +88,8 @@ def test_lycoris_trains_and_reloads_through_lycoris(family, algo, tiny_models, i
     assert not torch.allclose(before, after), "the trained LyCORIS network did not change the denoiser output"
 
 
-def test_resuming_a_lycoris_checkpoint_repeats_the_same_step(tiny_models, images, tmp_path):
-    config = base_config("sdxl", tiny_models["sdxl"], tmp_path, images, lora_type="lycoris", max_train_steps=2,
+def test_resuming_a_lycoris_checkpoint_repeats_the_same_step(tiny_model, images, tmp_path):
+    config = base_config("sdxl", tiny_model("sdxl"), tmp_path, images, lora_type="lycoris", max_train_steps=2,
                          checkpoint_step_interval=1, lycoris_config=write_lycoris_config(tmp_path, "loha"))
     first = train(config).loss_history
     assert (tmp_path / "output" / "checkpoint-1" / "lycoris.safetensors").exists()
@@ -117,7 +100,7 @@ def test_resuming_a_lycoris_checkpoint_repeats_the_same_step(tiny_models, images
 # --- without the trainer: attach to a tiny UNet ----------------------------------------------
 
 @pytest.fixture()
-def make_adapter(tiny_models, tmp_path):
+def make_adapter(tiny_model, tmp_path):
     from simpletuner.models.base import Components
     from simpletuner.models.registry import get_family
     from simpletuner.training.lycoris_adapter import LycorisNetwork
@@ -126,13 +109,13 @@ def make_adapter(tiny_models, tmp_path):
     default_folder.mkdir()
 
     def make(**options):
-        values = {"model_family": "sdxl", "pretrained_model_name_or_path": tiny_models["sdxl"], "model_type": "lora",
+        values = {"model_family": "sdxl", "pretrained_model_name_or_path": tiny_model("sdxl"), "model_type": "lora",
                   "lora_type": "lycoris", "seed": 1, "lycoris_config": write_lycoris_config(default_folder)}
         values.update(options)
         settings = Settings(values)
         family = get_family("sdxl")(settings)
         torch.manual_seed(0)
-        family.components = Components(denoiser=load_denoiser("sdxl", tiny_models["sdxl"]), vae=None)
+        family.components = Components(denoiser=load_denoiser("sdxl", tiny_model("sdxl")), vae=None)
         return LycorisNetwork(family, settings)
 
     return make

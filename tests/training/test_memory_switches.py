@@ -7,40 +7,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers.runs import base_config
+from helpers.runs import base_config, run_trainer
 from simpletuner.config.errors import ConfigError
-from simpletuner.config.loader import load_config
 from simpletuner.config.settings import Settings
 from simpletuner.config.validate import validate_settings
 from simpletuner.models.base import Components
 from simpletuner.training import checkpointing, vae_memory
-from simpletuner.training.trainer import Trainer
+
+
+IMAGE_COUNT = 4  # sample images in this module's copy (the `images` fixture in tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    from simpletuner.demo.sample_data import make_sample_images
-
-    folder = tmp_path_factory.mktemp("images")
-    make_sample_images(str(folder), count=4)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    from simpletuner.models.tiny import build_tiny
-
-    return build_tiny("sdxl", str(tmp_path_factory.mktemp("models") / "sdxl"))
-
-
-def run_trainer(config: dict) -> Trainer:
-    settings = load_config([f"--{key}={value}" for key, value in config.items()],
-                           environ={"CONFIG_BACKEND": "cmd"}).settings
-    errors = validate_settings(settings)
-    assert not errors, "\n".join(str(error) for error in errors)
-    trainer = Trainer(settings)
-    trainer.run()
-    return trainer
+def sdxl(tiny_model):
+    return tiny_model("sdxl")
 
 
 def unet_from(folder: str):

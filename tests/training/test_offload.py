@@ -5,47 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.runs import base_config
+from helpers.runs import base_config, run_trainer
 from simpletuner.config import hardware
 from simpletuner.config.errors import ConfigError
-from simpletuner.config.loader import load_config
 from simpletuner.config.settings import Settings
 from simpletuner.config.validate import validate_settings
 from simpletuner.training import offload, weight_streaming
-from simpletuner.training.trainer import Trainer
 
 CPU = torch.device("cpu")
+IMAGE_COUNT = 4  # sample images in this module's copy (the `images` fixture in tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    from simpletuner.demo.sample_data import make_sample_images
-
-    folder = tmp_path_factory.mktemp("images")
-    make_sample_images(str(folder), count=4)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from simpletuner.models.tiny import build_tiny
-
-    root = tmp_path_factory.mktemp("models")
-    return lambda family: build_tiny(family, str(root / family))
-
-
-def run_trainer(config: dict) -> Trainer:
-    settings = load_config([f"--{key}={value}" for key, value in config.items()],
-                           environ={"CONFIG_BACKEND": "cmd"}).settings
-    errors = validate_settings(settings)
-    assert not errors, "\n".join(str(error) for error in errors)
-    trainer = Trainer(settings)
-    trainer.run()
-    return trainer
-
-
-@pytest.fixture(scope="module")
-def baseline_losses(tiny, images, tmp_path_factory):
+def baseline_losses(tiny_model, images, tmp_path_factory):
     """Three-step loss histories of the plain runs, one per family."""
     runs = {}
 
@@ -53,7 +25,8 @@ def baseline_losses(tiny, images, tmp_path_factory):
         key = (family, tuple(sorted(overrides.items())))
         if key not in runs:
             root = tmp_path_factory.mktemp(f"baseline-{family}")
-            runs[key] = run_trainer(base_config(family, tiny(family), root, images, **overrides)).state.loss_history
+            config = base_config(family, tiny_model(family), root, images, **overrides)
+            runs[key] = run_trainer(config).state.loss_history
         return runs[key]
 
     return losses
@@ -68,13 +41,13 @@ SDXL_OFFLOADS = {
 
 
 @pytest.mark.parametrize("name", list(SDXL_OFFLOADS))
-def test_group_offload_trains_like_the_plain_run(name, tiny, images, tmp_path, baseline_losses):
+def test_group_offload_trains_like_the_plain_run(name, tiny_model, images, tmp_path, baseline_losses):
     overrides = dict(SDXL_OFFLOADS[name])
     if "disk" in name:
         overrides["group_offload_to_disk_path"] = str(tmp_path / "offload")
     plain = {"gradient_checkpointing": True} if overrides.get("gradient_checkpointing") else {}
     expected = baseline_losses("sdxl", **plain)
-    losses = run_trainer(base_config("sdxl", tiny("sdxl"), tmp_path, images, **overrides)).state.loss_history
+    losses = run_trainer(base_config("sdxl", tiny_model("sdxl"), tmp_path, images, **overrides)).state.loss_history
     assert abs(losses[0] - expected[0]) < 1e-5
     # Later steps match too: the LoRA updates are not lost between groups' visits.
     assert losses == pytest.approx(expected, abs=1e-5)
@@ -82,8 +55,8 @@ def test_group_offload_trains_like_the_plain_run(name, tiny, images, tmp_path, b
         assert list((tmp_path / "offload" / "rank0").glob("group_*.safetensors"))
 
 
-def test_block_swap_trains_like_the_plain_run(tiny, images, tmp_path, baseline_losses):
-    trainer = run_trainer(base_config("flux", tiny("flux"), tmp_path, images, musubi_blocks_to_swap=2))
+def test_block_swap_trains_like_the_plain_run(tiny_model, images, tmp_path, baseline_losses):
+    trainer = run_trainer(base_config("flux", tiny_model("flux"), tmp_path, images, musubi_blocks_to_swap=2))
     assert trainer.state.loss_history == pytest.approx(baseline_losses("flux"), abs=1e-5)
     swapped = offload.transformer_blocks(trainer.trained.module)[-2:]
     assert all(block._forward_pre_hooks for block in swapped)
@@ -179,7 +152,7 @@ def test_a_second_cuda_device_for_swapped_blocks_is_refused_here():
 
 
 @pytest.mark.parametrize("option", ["enable_model_cpu_offload", "offload_during_startup"])
-def test_text_encoders_visit_the_device_only_when_called(option, tiny, images, tmp_path, baseline_losses,
+def test_text_encoders_visit_the_device_only_when_called(option, tiny_model, images, tmp_path, baseline_losses,
                                                          monkeypatch):
     moves = []
     original_to = torch.nn.Module.to
@@ -189,7 +162,7 @@ def test_text_encoders_visit_the_device_only_when_called(option, tiny, images, t
         return original_to(module, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.Module, "to", recording_to)
-    trainer = run_trainer(base_config("sdxl", tiny("sdxl"), tmp_path, images, **{option: True}))
+    trainer = run_trainer(base_config("sdxl", tiny_model("sdxl"), tmp_path, images, **{option: True}))
     assert trainer.state.loss_history == pytest.approx(baseline_losses("sdxl"), abs=1e-5)
     encoder = trainer.components.text_encoders[0]
     assert isinstance(encoder._hf_hook, offload.VisitDevice)

@@ -7,10 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers.runs import base_config
+from helpers.runs import base_config, run_trainer
 from simpletuner.config import hardware
 from simpletuner.config.errors import ConfigError
-from simpletuner.config.loader import load_config
 from simpletuner.config.settings import Settings
 from simpletuner.config.validate import validate_settings
 from simpletuner.models.base import Components
@@ -18,31 +17,7 @@ from simpletuner.training import quantization
 from simpletuner.training.trainer import Trainer
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    from simpletuner.demo.sample_data import make_sample_images
-
-    folder = tmp_path_factory.mktemp("images")
-    make_sample_images(str(folder), count=4)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from simpletuner.models.tiny import build_tiny
-
-    root = tmp_path_factory.mktemp("models")
-    return lambda family: build_tiny(family, str(root / family))
-
-
-def run_trainer(config: dict) -> Trainer:
-    settings = load_config([f"--{key}={value}" for key, value in config.items()],
-                           environ={"CONFIG_BACKEND": "cmd"}).settings
-    errors = validate_settings(settings)
-    assert not errors, "\n".join(str(error) for error in errors)
-    trainer = Trainer(settings)
-    trainer.run()
-    return trainer
+IMAGE_COUNT = 4  # sample images in this module's copy (the `images` fixture in tests/conftest.py)
 
 
 def lora_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -56,11 +31,11 @@ def lora_weights_moved(trainer: Trainer) -> bool:
     return any(layer.lora_B["default"].weight.abs().sum() > 0 for layer in lora_layers(trainer.trained.module))
 
 
-def test_int8_quanto_lora_trains_on_a_quantised_sdxl(tiny, images, tmp_path):
+def test_int8_quanto_lora_trains_on_a_quantised_sdxl(tiny_model, images, tmp_path):
     from diffusers import UNet2DConditionModel
     from optimum.quanto import QModuleMixin, WeightQBytesTensor
 
-    model = tiny("sdxl")
+    model = tiny_model("sdxl")
     trainer = run_trainer(base_config("sdxl", model, tmp_path, images, max_train_steps=2,
                                       base_model_precision="int8-quanto", text_encoder_1_precision="int8-quanto"))
     assert trainer.state.global_step == 2 and all(torch.isfinite(torch.tensor(trainer.state.loss_history)))
@@ -78,11 +53,11 @@ def test_int8_quanto_lora_trains_on_a_quantised_sdxl(tiny, images, tmp_path):
     assert (tmp_path / "output" / "pytorch_lora_weights.safetensors").exists()
 
 
-def test_int8_torchao_lora_trains_on_a_quantised_sdxl(tiny, images, tmp_path):
+def test_int8_torchao_lora_trains_on_a_quantised_sdxl(tiny_model, images, tmp_path):
     from peft.tuners.lora.torchao import TorchaoLoraLinear
     from torchao.utils import TorchAOBaseTensor
 
-    trainer = run_trainer(base_config("sdxl", tiny("sdxl"), tmp_path, images, max_train_steps=2,
+    trainer = run_trainer(base_config("sdxl", tiny_model("sdxl"), tmp_path, images, max_train_steps=2,
                                       base_model_precision="int8-torchao"))
     layers = lora_layers(trainer.trained.module)
     assert layers and all(isinstance(layer, TorchaoLoraLinear) for layer in layers)
@@ -91,10 +66,10 @@ def test_int8_torchao_lora_trains_on_a_quantised_sdxl(tiny, images, tmp_path):
     assert lora_weights_moved(trainer)
 
 
-def test_int8_quanto_lora_trains_on_a_quantised_flux(tiny, images, tmp_path):
+def test_int8_quanto_lora_trains_on_a_quantised_flux(tiny_model, images, tmp_path):
     from optimum.quanto import QModuleMixin
 
-    trainer = run_trainer(base_config("flux", tiny("flux"), tmp_path, images, max_train_steps=2,
+    trainer = run_trainer(base_config("flux", tiny_model("flux"), tmp_path, images, max_train_steps=2,
                                       base_model_precision="int8-quanto", text_encoder_2_precision="int8-quanto"))
     layers = lora_layers(trainer.trained.module)
     assert layers and all(isinstance(layer.get_base_layer(), QModuleMixin) for layer in layers)

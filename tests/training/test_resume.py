@@ -12,13 +12,8 @@ from helpers.runs import base_config, train
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from simpletuner.demo.sample_data import make_sample_images
-    from simpletuner.models.tiny import build_tiny
-
-    root = tmp_path_factory.mktemp("resume")
-    make_sample_images(str(root / "images"), count=6)
-    return build_tiny("sdxl", str(root / "model")), root / "images"
+def setup(tiny_model, images):
+    return tiny_model("sdxl"), images
 
 
 def test_resume_gives_identical_weights(setup, tmp_path):

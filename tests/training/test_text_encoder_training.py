@@ -9,27 +9,13 @@ from safetensors.torch import load_file
 from helpers.runs import base_config, train
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    from simpletuner.demo.sample_data import make_sample_images
-
-    folder = tmp_path_factory.mktemp("images")
-    make_sample_images(str(folder), count=4)
-    return folder
+IMAGE_COUNT = 4  # sample images in this module's copy (the `images` fixture in tests/conftest.py)
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    from simpletuner.models.tiny import build_tiny
-
-    root = tmp_path_factory.mktemp("models")
-    return {family: build_tiny(family, str(root / family)) for family in ("sd1x", "sdxl")}
-
-
-def te_config(family, tiny_models, images, root, **overrides):
+def te_config(family, tiny_model, images, root, **overrides):
     values = {"train_text_encoder": True, "text_encoder_limit": 100, "max_train_steps": 2,
               "resume_from_checkpoint": "none", **overrides}
-    return base_config(family, tiny_models[family], root, images, **values)
+    return base_config(family, tiny_model(family), root, images, **values)
 
 
 def encoder_outputs(pipeline) -> list[torch.Tensor]:
@@ -42,10 +28,10 @@ def encoder_outputs(pipeline) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("family, attributes", [("sd1x", ["text_encoder"]),
                                                 ("sdxl", ["text_encoder", "text_encoder_2"])])
-def test_lora_trains_the_text_encoders_and_saves_them_loadable(family, attributes, tiny_models, images, tmp_path):
+def test_lora_trains_the_text_encoders_and_saves_them_loadable(family, attributes, tiny_model, images, tmp_path):
     from simpletuner.models.registry import get_family
 
-    state = train(te_config(family, tiny_models, images, tmp_path, text_encoder_lr=5e-3))
+    state = train(te_config(family, tiny_model, images, tmp_path, text_encoder_lr=5e-3))
     assert state.global_step == 2
     saved = load_file(str(tmp_path / "output" / "pytorch_lora_weights.safetensors"))
     for attribute in attributes:
@@ -53,7 +39,7 @@ def test_lora_trains_the_text_encoders_and_saves_them_loadable(family, attribute
                      if key.startswith(f"{attribute}.") and ("lora_B" in key or "lora_linear_layer.up" in key)]
         assert trained_b, f"no {attribute} LoRA in the saved file"
         assert any(value.abs().sum() > 0 for value in trained_b), f"{attribute} LoRA did not train (B still zero)"
-    pipeline = get_family(family).pipeline_class.from_pretrained(tiny_models[family])
+    pipeline = get_family(family).pipeline_class.from_pretrained(tiny_model(family))
     before = encoder_outputs(pipeline)
     pipeline.load_lora_weights(str(tmp_path / "output"))
     after = encoder_outputs(pipeline)
@@ -61,19 +47,19 @@ def test_lora_trains_the_text_encoders_and_saves_them_loadable(family, attribute
         assert not torch.allclose(old, new), f"loading the LoRA left {attribute}'s output unchanged"
 
 
-def test_full_finetune_saves_the_trained_text_encoder(tiny_models, images, tmp_path):
+def test_full_finetune_saves_the_trained_text_encoder(tiny_model, images, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    train(te_config("sd1x", tiny_models, images, tmp_path, model_type="full", learning_rate=1e-3))
+    train(te_config("sd1x", tiny_model, images, tmp_path, model_type="full", learning_rate=1e-3))
     trained = StableDiffusionPipeline.from_pretrained(str(tmp_path / "output"))
-    base = StableDiffusionPipeline.from_pretrained(tiny_models["sd1x"])
+    base = StableDiffusionPipeline.from_pretrained(tiny_model("sd1x"))
     assert not torch.allclose(encoder_outputs(trained)[0], encoder_outputs(base)[0])
 
 
-def test_resume_with_text_encoder_training_is_exact(tiny_models, images, tmp_path):
+def test_resume_with_text_encoder_training_is_exact(tiny_model, images, tmp_path):
     # text_encoder_limit=40 freezes the encoder after step 2 of 4, just after the checkpoint is written, so the
     # resumed run must start with it frozen.
-    config = te_config("sd1x", tiny_models, images, tmp_path, max_train_steps=4, checkpoint_step_interval=2,
+    config = te_config("sd1x", tiny_model, images, tmp_path, max_train_steps=4, checkpoint_step_interval=2,
                        text_encoder_limit=40, text_encoder_lr=2e-3)
     train(config)
     output = tmp_path / "output"
@@ -89,8 +75,8 @@ def test_resume_with_text_encoder_training_is_exact(tiny_models, images, tmp_pat
         assert torch.allclose(straight[key], resumed[key], atol=1e-6), key
 
 
-def test_resuming_a_checkpoint_without_text_encoder_weights_says_so(tiny_models, images, tmp_path):
-    config = base_config("sd1x", tiny_models["sd1x"], tmp_path, images, max_train_steps=3, checkpoint_step_interval=2,
+def test_resuming_a_checkpoint_without_text_encoder_weights_says_so(tiny_model, images, tmp_path):
+    config = base_config("sd1x", tiny_model("sd1x"), tmp_path, images, max_train_steps=3, checkpoint_step_interval=2,
                          resume_from_checkpoint="none")
     train(config)
     with pytest.raises(ValueError, match="without train_text_encoder"):

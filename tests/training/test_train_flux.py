@@ -8,22 +8,12 @@ import torch
 from helpers.runs import base_config, train, write_dataset
 
 T5_TOKENS = 32  # tokenizer_max_length for these runs: the tiny T5 needs no more, and it keeps steps fast
+IMAGE_COUNT = 4  # sample images in this module's copy (the `images` fixture in tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    from simpletuner.demo.sample_data import make_sample_images
-
-    folder = tmp_path_factory.mktemp("images")
-    make_sample_images(str(folder), count=4)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory):
-    from simpletuner.models.tiny import build_tiny
-
-    return build_tiny("flux", str(tmp_path_factory.mktemp("models") / "flux"))
+def tiny_flux(tiny_model):
+    return tiny_model("flux")
 
 
 def flux_config(tiny_flux, root, images, **overrides) -> dict:

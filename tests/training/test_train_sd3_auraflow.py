@@ -8,23 +8,7 @@ import torch
 from helpers.runs import base_config, train, write_dataset
 
 FAMILIES = ["sd3", "auraflow"]
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    from simpletuner.demo.sample_data import make_sample_images
-
-    folder = tmp_path_factory.mktemp("images")
-    make_sample_images(str(folder), count=4)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    from simpletuner.models.tiny import build_tiny
-
-    root = tmp_path_factory.mktemp("models")
-    return {family: build_tiny(family, str(root / family)) for family in FAMILIES}
+IMAGE_COUNT = 4  # sample images in this module's copy (the `images` fixture in tests/conftest.py)
 
 
 def render(pipeline) -> torch.Tensor:
@@ -33,14 +17,14 @@ def render(pipeline) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_lora_trains_saves_and_changes_the_output(family, tiny_models, images, tmp_path):
+def test_lora_trains_saves_and_changes_the_output(family, tiny_model, images, tmp_path):
     from simpletuner.models.registry import get_family
 
-    config = base_config(family, tiny_models[family], tmp_path, images, lora_alpha=8, caption_dropout_probability=0.5)
+    config = base_config(family, tiny_model(family), tmp_path, images, lora_alpha=8, caption_dropout_probability=0.5)
     state = train(config)
     assert state.global_step == 3
     assert (tmp_path / "output" / "pytorch_lora_weights.safetensors").exists()
-    pipeline = get_family(family).pipeline_class.from_pretrained(tiny_models[family])
+    pipeline = get_family(family).pipeline_class.from_pretrained(tiny_model(family))
     before = render(pipeline)
     pipeline.load_lora_weights(str(tmp_path / "output"))
     config = pipeline.transformer.peft_config["default_0"]
@@ -49,26 +33,26 @@ def test_lora_trains_saves_and_changes_the_output(family, tiny_models, images, t
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_full_finetune_saves_a_loadable_pipeline(family, tiny_models, images, tmp_path):
+def test_full_finetune_saves_a_loadable_pipeline(family, tiny_model, images, tmp_path):
     from simpletuner.models.registry import get_family
 
-    config = base_config(family, tiny_models[family], tmp_path, images, model_type="full", learning_rate=1e-3,
+    config = base_config(family, tiny_model(family), tmp_path, images, model_type="full", learning_rate=1e-3,
                          gradient_checkpointing=True)
     train(config)
     pipeline_class = get_family(family).pipeline_class
     pipeline = pipeline_class.from_pretrained(str(tmp_path / "output"))
     trained = pipeline.transformer.state_dict()
-    original = pipeline_class.from_pretrained(tiny_models[family]).transformer.state_dict()
+    original = pipeline_class.from_pretrained(tiny_model(family)).transformer.state_dict()
     assert any(not torch.equal(trained[k], original[k]) for k in original), "full fine-tune changed nothing"
     assert render(pipeline).shape[-1] == 64
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_shipped_preset_passes_check(family, tiny_models, images, tmp_path, capsys):
+def test_shipped_preset_passes_check(family, tiny_model, images, tmp_path, capsys):
     from simpletuner.cli import main
 
     dataset = write_dataset(tmp_path, images)
-    code = main(["check", f"--example={family}.peft-lora", f"--pretrained_model_name_or_path={tiny_models[family]}",
+    code = main(["check", f"--example={family}.peft-lora", f"--pretrained_model_name_or_path={tiny_model(family)}",
                  f"--data_backend_config={dataset}", f"--output_dir={tmp_path / 'output'}"])
     output = capsys.readouterr()
     assert code == 0, output.out + output.err

@@ -5,26 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers.images import copy_sample_images
 from helpers.runs import base_config, train
 
 FAMILIES = ["sd1x", "sd2x", "sdxl"]
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    from simpletuner.demo.sample_data import make_sample_images
-
-    folder = tmp_path_factory.mktemp("images")
-    make_sample_images(str(folder), count=6)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    from simpletuner.models.tiny import build_tiny
-
-    root = tmp_path_factory.mktemp("models")
-    return {family: build_tiny(family, str(root / family)) for family in FAMILIES}
 
 
 def render(pipeline) -> torch.Tensor:
@@ -34,16 +18,16 @@ def render(pipeline) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_lora_trains_saves_and_changes_the_output(family, tiny_models, images, tmp_path):
+def test_lora_trains_saves_and_changes_the_output(family, tiny_model, images, tmp_path):
     from simpletuner.models.registry import get_family
 
-    config = base_config(family, tiny_models[family], tmp_path, images)
+    config = base_config(family, tiny_model(family), tmp_path, images)
     state = train(config)
     assert state.global_step == 3
     lora_file = tmp_path / "output" / "pytorch_lora_weights.safetensors"
     assert lora_file.exists()
     pipeline_class = get_family(family).pipeline_class
-    pipeline = pipeline_class.from_pretrained(tiny_models[family])
+    pipeline = pipeline_class.from_pretrained(tiny_model(family))
     before = render(pipeline)
     pipeline.load_lora_weights(str(tmp_path / "output"))
     after = render(pipeline)
@@ -51,31 +35,29 @@ def test_lora_trains_saves_and_changes_the_output(family, tiny_models, images, t
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_full_finetune_saves_a_loadable_pipeline(family, tiny_models, images, tmp_path):
+def test_full_finetune_saves_a_loadable_pipeline(family, tiny_model, images, tmp_path):
     from simpletuner.models.registry import get_family
 
-    config = base_config(family, tiny_models[family], tmp_path, images, model_type="full", learning_rate=1e-3)
+    config = base_config(family, tiny_model(family), tmp_path, images, model_type="full", learning_rate=1e-3)
     train(config)
     pipeline = get_family(family).pipeline_class.from_pretrained(str(tmp_path / "output"))
     trained = pipeline.unet.state_dict()
-    original = get_family(family).pipeline_class.from_pretrained(tiny_models[family]).unet.state_dict()
+    original = get_family(family).pipeline_class.from_pretrained(tiny_model(family)).unet.state_dict()
     assert any(not torch.equal(trained[k], original[k]) for k in original), "full fine-tune changed nothing"
     assert render(pipeline).shape[-1] == 64
 
 
-def test_sd2x_trains_with_v_prediction(tiny_models, images, tmp_path):
+def test_sd2x_trains_with_v_prediction(tiny_model, images, tmp_path):
     from simpletuner.config.settings import Settings
     from simpletuner.models.registry import get_family
 
-    family = get_family("sd2x")(Settings({"pretrained_model_name_or_path": tiny_models["sd2x"]}))
+    family = get_family("sd2x")(Settings({"pretrained_model_name_or_path": tiny_model("sd2x")}))
     assert family.prediction_type() == "v_prediction"
 
 
-def test_overfitting_four_images_lowers_the_loss(tiny_models, tmp_path):
-    from simpletuner.demo.sample_data import make_sample_images
-
-    make_sample_images(str(tmp_path / "four"), count=4)
-    config = base_config("sdxl", tiny_models["sdxl"], tmp_path, tmp_path / "four", model_type="full",
+def test_overfitting_four_images_lowers_the_loss(tiny_model, sample_images, tmp_path):
+    copy_sample_images(sample_images, tmp_path / "four", count=4)
+    config = base_config("sdxl", tiny_model("sdxl"), tmp_path, tmp_path / "four", model_type="full",
                          max_train_steps=120, learning_rate=1e-3, train_batch_size=2)
     losses = train(config).loss_history
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
