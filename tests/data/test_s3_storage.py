@@ -5,6 +5,7 @@ import json
 import pickle
 
 import pytest
+import torch
 from PIL import Image
 
 from helpers.s3 import KEYS, moto_endpoint, s3_client
@@ -144,3 +145,28 @@ def test_image_embeds_dataset_moves_the_vae_cache_to_local_disk(tmp_path, endpoi
     cache = make_storage(specs[0], Settings({}), purpose="vae_cache", datasets=specs)
     cache.write_bytes("entry.bin", b"latent")
     assert (tmp_path / "vae" / "entry.bin").read_bytes() == b"latent"
+
+
+def test_latents_are_cached_into_the_bucket_and_reused(tmp_path, endpoint, bucket):
+    from simpletuner.caching.store import TensorStore
+    from simpletuner.caching.vae import LatentCache
+
+    name, client = bucket
+    for key in ("a.png", "b.png"):
+        client.put_object(Bucket=name, Key=f"images/{key}", Body=png_bytes((256, 256)))
+        client.put_object(Bucket=name, Key=f"images/{key[:-4]}.txt", Body=b"a caption")
+    settings = Settings({})
+    specs = load_dataset_config(write_config(tmp_path, endpoint, name), settings)
+    storage = make_storage(specs[0], settings)
+    records = discover_dataset(specs[0], storage, settings, progress=False).records
+    cache = LatentCache(TensorStore(make_storage(specs[0], settings, purpose="vae_cache", datasets=specs)), "model-a")
+
+    def encode(pixels):  # stands in for a VAE: 8x downsampled means of the pixels
+        return torch.nn.functional.avg_pool2d(pixels, 8)[:, :1].repeat(1, 4, 1, 1)
+
+    report = cache.build(records, storage, encode, batch_size=2, progress=False)
+    assert not report.failed
+    keys = [obj["Key"] for obj in client.list_objects_v2(Bucket=name, Prefix="images/cache/vae/")["Contents"]]
+    assert sum(key.endswith(".safetensors") for key in keys) == 2
+    assert cache.get(records[0]).shape == (4, 32, 32)
+    assert not cache.plan(records).to_encode  # a second build would encode nothing
