@@ -17,14 +17,13 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, ClassVar
 
 import torch
 
 from simpletuner.config.settings import Settings
 from simpletuner.data.types import TrainingBatch
+from simpletuner.models.transformer_lora import save_transformer_lora
 from simpletuner.models.base import Components
 from simpletuner.models.pixart import (
     ATTENTION_LORA_TARGETS, PipelineTextEncoding, alignment_problem, identity_digest, load_transformer,
@@ -33,7 +32,6 @@ from simpletuner.models.pixart import (
 from simpletuner.models.registry import register
 from simpletuner.models.sd import LazyClass, UNetLatentFamily, local_subfolder, vae_dtype_for
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def gemma_subfolders(source: str) -> tuple[str, str]:
@@ -136,24 +134,7 @@ class GemmaFlowFamily(PipelineTextEncoding, UNetLatentFamily):
         Written in a temporary folder inside ``output_dir`` and renamed into
         place, so a crash never leaves a partial file.
         """
-        if text_encoder_lora_states:
-            raise ValueError(f"{self.name} trains no text encoder LoRA; got states for "
-                             f"{sorted(text_encoder_lora_states)}")
-        metadata = adapter_metadata or {}
-        unknown = set(metadata) - {"transformer"}
-        if unknown:
-            raise ValueError(f"{self.name} has no component(s) {sorted(unknown)}; only 'transformer' takes a LoRA")
-        arguments: dict[str, Any] = {"transformer_lora_layers": denoiser_lora_state}
-        if "transformer" in metadata:
-            arguments["transformer_lora_adapter_metadata"] = metadata["transformer"]
-        os.makedirs(output_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".lora-", dir=output_dir)
-        try:
-            self.pipeline_class.save_lora_weights(staging, weight_name=LORA_FILE, safe_serialization=True,
-                                                  **arguments)
-            os.replace(os.path.join(staging, LORA_FILE), os.path.join(output_dir, LORA_FILE))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        save_transformer_lora(self, output_dir, denoiser_lora_state, text_encoder_lora_states, adapter_metadata)
 
 
 def default_complex_human_instruction() -> list[str]:

@@ -26,14 +26,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, ClassVar
 
 import torch
 
 from simpletuner.config.settings import Settings
 from simpletuner.data.types import TrainingBatch
+from simpletuner.models.transformer_lora import save_transformer_lora
 from simpletuner.models.base import Components
 from simpletuner.models.registry import register
 from simpletuner.models.sd import LazyClass, UNetLatentFamily, local_subfolder, vae_dtype_for
@@ -41,7 +40,6 @@ from simpletuner.models.sdxl import is_single_file
 
 ATTENTION_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 T5_LENGTH_LIMIT = 512  # the longest T5 input the diffusers pipelines accept
-LORA_FILE = "pytorch_lora_weights.safetensors"
 # The VAE downsamples 8x and the transformers cut latents into 2x2 patches.
 PIXELS_PER_PATCH = 16
 UNCOND_ZERO = "zero"
@@ -207,24 +205,7 @@ class FlowTransformerFamily(UNetLatentFamily):
         The file is written in a temporary folder inside ``output_dir`` and
         renamed into place, so a crash never leaves a partial file.
         """
-        if text_encoder_lora_states:
-            raise ValueError(f"{self.name} trains no text encoder LoRA; "
-                             f"got states for {sorted(text_encoder_lora_states)}")
-        metadata = adapter_metadata or {}
-        unknown = set(metadata) - {"transformer"}
-        if unknown:
-            raise ValueError(f"{self.name} has no component(s) {sorted(unknown)}; only 'transformer' takes a LoRA")
-        arguments: dict[str, Any] = {"transformer_lora_layers": denoiser_lora_state}
-        if "transformer" in metadata:
-            arguments["transformer_lora_adapter_metadata"] = metadata["transformer"]
-        os.makedirs(output_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".lora-", dir=output_dir)
-        try:
-            self.pipeline_class.save_lora_weights(staging, weight_name=LORA_FILE, safe_serialization=True,
-                                                  **arguments)
-            os.replace(os.path.join(staging, LORA_FILE), os.path.join(output_dir, LORA_FILE))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        save_transformer_lora(self, output_dir, denoiser_lora_state, text_encoder_lora_states, adapter_metadata)
 
 
 @register
