@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
+from simpletuner.caching.plans import PlanReasons
 from simpletuner.caching.store import BackgroundWriter, TensorStore
 
 REASON_NEW_CAPTION = "new caption"
@@ -35,22 +35,13 @@ def _caption_digest(caption: str) -> str:
 
 
 @dataclass
-class TextCachePlan:
+class TextCachePlan(PlanReasons):
     cached: list[str] = field(default_factory=list)
     to_encode: list[tuple[str, str]] = field(default_factory=list)  # (caption, reason)
 
     @property
     def captions_to_encode(self) -> list[str]:
         return [caption for caption, _ in self.to_encode]
-
-    def reasons(self) -> Counter:
-        return Counter(reason for _, reason in self.to_encode)
-
-    def summary(self) -> str:
-        text = f"{len(self.cached)} cached, {len(self.to_encode)} to encode"
-        if self.to_encode:
-            text += " (" + ", ".join(f"{reason}: {count}" for reason, count in sorted(self.reasons().items())) + ")"
-        return text
 
 
 def unique_captions(captions: Iterable[str]) -> list[str]:

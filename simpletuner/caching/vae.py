@@ -16,7 +16,6 @@ import json
 import logging
 import struct
 import threading
-from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -25,6 +24,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from simpletuner.caching.plans import PlanReasons
 from simpletuner.caching.store import BackgroundWriter, CacheEntryError, TensorStore
 from simpletuner.data.storage.base import Storage
 from simpletuner.data.types import ImageRecord, Rejection
@@ -76,7 +76,7 @@ def default_pixel_loader(record: ImageRecord, storage: Storage) -> torch.Tensor:
 
 
 @dataclass
-class CachePlan:
+class CachePlan(PlanReasons):
     """Which records already have entries and which must be (re)encoded, with the reason for each."""
 
     cached: list[ImageRecord] = field(default_factory=list)
@@ -85,15 +85,6 @@ class CachePlan:
     @property
     def records_to_encode(self) -> list[ImageRecord]:
         return [record for record, _ in self.to_encode]
-
-    def reasons(self) -> Counter:
-        return Counter(reason for _, reason in self.to_encode)
-
-    def summary(self) -> str:
-        text = f"{len(self.cached)} cached, {len(self.to_encode)} to encode"
-        if self.to_encode:
-            text += " (" + ", ".join(f"{reason}: {count}" for reason, count in sorted(self.reasons().items())) + ")"
-        return text
 
 
 @dataclass
