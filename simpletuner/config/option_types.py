@@ -43,6 +43,8 @@ class Option:
     # For "str" options that are really numbers-or-strings etc.; None means plain kind parsing.
     parse: Callable[[str], Any] | None = None
     metavar: str | None = None
+    # Why a PLANNED option (or planned choice) is not built; added to its "not implemented yet" error.
+    unbuilt_reason: str | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:

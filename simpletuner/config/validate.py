@@ -58,10 +58,11 @@ def implementation_errors(settings: Settings) -> list[ConfigError]:
             continue
         if option.status == PLANNED and value != option.default:
             errors.append(ConfigError(name, f"{name} is not implemented yet (you set it to {value!r}). "
-                                            f"Remove it from your config to train with the default ({option.default!r})."))
+                                            f"{_unbuilt_reason(option)}Remove it from your config to train with the default ({option.default!r})."))
             continue
         if value in option.planned_choices:
-            errors.append(ConfigError(name, f"{name}={value} is not implemented yet. Choose another value "
+            errors.append(ConfigError(name, f"{name}={value} is not implemented yet. {_unbuilt_reason(option)}"
+                                            "Choose another value "
                                             f"({', '.join(str(c) for c in option.choices if c not in option.planned_choices)})."))
             continue
         requirement = option.gated_choices.get(value)
@@ -71,6 +72,10 @@ def implementation_errors(settings: Settings) -> list[ConfigError]:
                 errors.append(ConfigError(name, f"{name}={value} needs {needs}, which this machine does not have. "
                                                 "Choose another value or run on hardware that provides it."))
     return errors
+
+
+def _unbuilt_reason(option) -> str:
+    return f"{option.unbuilt_reason} " if option.unbuilt_reason else ""
 
 
 def combination_errors(settings: Settings) -> list[ConfigError]:

@@ -141,3 +141,11 @@ def test_list_and_json_options_stay_text():
         assert OPTIONS[name].kind == "str"
     skip_layers = OPTIONS["validation_guidance_skip_layers"]
     assert convert(skip_layers, [7, 8, 9], "config.json") == "[7, 8, 9]"
+
+
+def test_singlora_is_refused_with_its_reason():
+    from simpletuner.config.validate import implementation_errors
+
+    (error,) = implementation_errors(Settings({"peft_lora_mode": "singlora"}))
+    assert "not implemented yet" in str(error) and "SingLoRA" in str(error) and "PEFT" in str(error)
+    assert implementation_errors(Settings({"peft_lora_mode": "standard"})) == []

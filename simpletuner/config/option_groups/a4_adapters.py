@@ -33,10 +33,12 @@ OPTIONS = [
         status=BUILT),
     opt("peft_lora_mode", "str", "standard",
         "PEFT LoRA variant: the usual two-matrix form or SingLoRA's single symmetric matrix.",
-        choices=("standard", "singlora"), status=PLANNED),
+        choices=("standard", "singlora"), status=PLANNED,
+        unbuilt_reason="SingLoRA needs a PEFT release with a SingLoRA layer (the installed peft has none), "
+                       "and without it the adapter could not be saved in a form diffusers loads."),
     opt("singlora_ramp_up_steps", "int", 0,
         "SingLoRA only: steps over which the adapter's contribution ramps up from zero; 0 skips the ramp.",
-        status=PLANNED),
+        status=PLANNED, unbuilt_reason="It only applies to peft_lora_mode=singlora, which is not built."),
     opt("peft_lora_target_modules", "str", None,
         "JSON array of module names for PEFT LoRA to wrap (or a path to a JSON file holding one), e.g. "
         '["to_q", "to_k"]. Replaces the family\'s preset targets.', status=BUILT),
