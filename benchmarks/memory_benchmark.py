@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 
+from tiny_sdxl_run import write_project  # benchmarks/, beside this script
+
 CONFIGURATIONS: dict[str, dict[str, object]] = {
     "baseline": {},
     "int8-quanto": {"base_model_precision": "int8-quanto"},
@@ -64,39 +66,13 @@ def proc_status_mib(field: str) -> float:
 
 
 # --- the run (child process) ------------------------------------------------------------------
-def write_inputs(root: str, resolution: int) -> None:
-    from simpletuner.demo.sample_data import make_sample_images
-    from simpletuner.models.tiny import build_tiny
-
-    build_tiny("sdxl", os.path.join(root, "model"))
-    make_sample_images(os.path.join(root, "images"), count=8)
-    backends = [
-        {"id": "bench", "type": "local", "instance_data_dir": os.path.join(root, "images"),
-         "caption_strategy": "textfile", "resolution": resolution, "resolution_type": "pixel",
-         "minimum_image_size": 16, "crop": True, "crop_style": "center", "crop_aspect": "square",
-         "cache_dir_vae": os.path.join(root, "cache", "vae")},
-        {"id": "text", "dataset_type": "text_embeds", "default": True, "type": "local",
-         "cache_dir": os.path.join(root, "cache", "text")},
-    ]
-    with open(os.path.join(root, "multidatabackend.json"), "w") as handle:
-        json.dump(backends, handle)
-
-
 def run_configuration(root: str, name: str, steps: int, batch: int, resolution: int) -> dict:
     import torch
 
-    from simpletuner.config.loader import load_config
-    from simpletuner.training.callbacks import Callback, CallbackList
-    from simpletuner.training.trainer import Trainer
+    from simpletuner.training.callbacks import Callback
+    from tiny_sdxl_run import lora_settings, train_with
 
-    config = {"model_family": "sdxl", "pretrained_model_name_or_path": os.path.join(root, "model"),
-              "model_type": "lora", "lora_rank": 8, "output_dir": os.path.join(root, "out", name),
-              "data_backend_config": os.path.join(root, "multidatabackend.json"), "optimizer": "adamw_bf16",
-              "learning_rate": 1e-4, "lr_scheduler": "constant", "train_batch_size": batch,
-              "max_train_steps": steps, "mixed_precision": "no", "seed": 1, "report_to": "none",
-              "resolution": resolution, "resolution_type": "pixel", "resume_from_checkpoint": "none",
-              **CONFIGURATIONS[name]}
-    settings = load_config([f"--{k}={v}" for k, v in config.items()], environ={"CONFIG_BACKEND": "cmd"}).settings
+    settings = lora_settings(root, name, steps, batch, resolution, **CONFIGURATIONS[name])
     on_cuda = torch.cuda.is_available()
     stamps: list[float] = []
     marks: dict[str, object] = {}
@@ -113,16 +89,7 @@ def run_configuration(root: str, name: str, steps: int, batch: int, resolution: 
         def on_step_end(self, trainer, step, loss):
             stamps.append(time.perf_counter())
 
-    trainer = Trainer(settings)
-    trainer.setup_accelerator()
-    trainer.setup_model()
-    trainer.setup_data()
-    trainer.setup_trainable()
-    trainer.setup_optimization()
-    trainer.callbacks = CallbackList([MemoryAndStepTimer()])
-    trainer.callbacks.on_train_start(trainer)
-    trainer.train()
-    trainer.data.close()
+    trainer = train_with(settings, MemoryAndStepTimer(), announce_start=True)
     growth = proc_status_mib("VmHWM") - marks["start_rss_mib"] if marks["hwm_reset"] else None
     gaps = [later - earlier for earlier, later in zip(stamps, stamps[1:])]
     return {"name": name, "device": str(trainer.device), "steps": len(gaps),
@@ -185,7 +152,7 @@ def main() -> None:
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.prepare:  # child: model, images and warm caches
-        write_inputs(args.root, args.resolution)
+        write_project(args.root, args.resolution)
         run_configuration(args.root, "baseline", 1, args.batch, args.resolution)
         print("prepared")
         return

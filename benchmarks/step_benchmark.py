@@ -14,12 +14,12 @@ import time
 PROCESS_START = time.perf_counter()
 
 import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+
+from tiny_sdxl_run import write_project  # noqa: E402  (benchmarks/, beside this script)
 
 
 def steady_state(timestamps: list[float], skip: int) -> float:
@@ -27,53 +27,19 @@ def steady_state(timestamps: list[float], skip: int) -> float:
     return statistics.median(gaps)
 
 
-def prepare(root: str, resolution: int):
-    from simpletuner.demo.sample_data import make_sample_images
-    from simpletuner.models.tiny import build_tiny
+def trainer_run(root: str, steps: int, batch: int, resolution: int) -> tuple[list[float], float]:
+    from simpletuner.training.callbacks import Callback
+    from tiny_sdxl_run import lora_settings, train_with
 
-    model = build_tiny("sdxl", os.path.join(root, "model"))
-    make_sample_images(os.path.join(root, "images"), count=8)
-    backends = [
-        {"id": "bench", "type": "local", "instance_data_dir": os.path.join(root, "images"),
-         "caption_strategy": "textfile", "resolution": resolution, "resolution_type": "pixel",
-         "minimum_image_size": 16, "crop": True, "crop_style": "center", "crop_aspect": "square",
-         "cache_dir_vae": os.path.join(root, "cache", "vae")},
-        {"id": "text", "dataset_type": "text_embeds", "default": True, "type": "local",
-         "cache_dir": os.path.join(root, "cache", "text")},
-    ]
-    with open(os.path.join(root, "multidatabackend.json"), "w") as handle:
-        json.dump(backends, handle)
-    return model
-
-
-def trainer_run(root: str, model: str, steps: int, batch: int, resolution: int) -> tuple[list[float], float]:
-    from simpletuner.config.loader import load_config
-    from simpletuner.training.callbacks import Callback, CallbackList
-    from simpletuner.training.trainer import Trainer
-
-    config = {"model_family": "sdxl", "pretrained_model_name_or_path": model, "model_type": "lora",
-              "lora_rank": 8, "output_dir": os.path.join(root, "out"),
-              "data_backend_config": os.path.join(root, "multidatabackend.json"), "optimizer": "adamw_bf16",
-              "learning_rate": 1e-4, "lr_scheduler": "constant", "train_batch_size": batch,
-              "max_train_steps": steps, "mixed_precision": "no", "seed": 1, "report_to": "none",
-              "resolution": resolution, "resolution_type": "pixel", "resume_from_checkpoint": "none",
-              "max_grad_norm": 0, "lora_dropout": 0}  # like the bare loop: no clipping, no LoRA dropout
-    settings = load_config([f"--{k}={v}" for k, v in config.items()], environ={"CONFIG_BACKEND": "cmd"}).settings
+    # like the bare loop: no clipping, no LoRA dropout
+    settings = lora_settings(root, "trainer", steps, batch, resolution, max_grad_norm=0, lora_dropout=0)
     stamps: list[float] = []
 
     class StepTimer(Callback):
         def on_step_end(self, trainer, step, loss):
             stamps.append(time.perf_counter())
 
-    trainer = Trainer(settings)
-    trainer.setup_accelerator()
-    trainer.setup_model()
-    trainer.setup_data()
-    trainer.setup_trainable()
-    trainer.setup_optimization()
-    trainer.callbacks = CallbackList([StepTimer()])
-    trainer.train()
-    trainer.data.close()
+    train_with(settings, StepTimer())
     return stamps, stamps[0] - PROCESS_START
 
 
@@ -120,17 +86,16 @@ def main() -> None:
     parser.add_argument("--startup-only", metavar="ROOT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.startup_only:  # child process: time from its own start to the end of the first step
-        _, startup = trainer_run(args.startup_only, os.path.join(args.startup_only, "model"), 1, args.batch,
-                                 args.resolution)
+        _, startup = trainer_run(args.startup_only, 1, args.batch, args.resolution)
         print(f"{startup:.3f}")
         return
     with tempfile.TemporaryDirectory() as root:
-        model = prepare(root, args.resolution)
-        trainer_run(root, model, 2, args.batch, args.resolution)  # builds the caches
+        model = write_project(root, args.resolution)
+        trainer_run(root, 2, args.batch, args.resolution)  # builds the caches
         startup = float(subprocess.run([sys.executable, __file__, "--startup-only", root, "--batch", str(args.batch),
                                         "--resolution", str(args.resolution)], check=True, capture_output=True,
                                        text=True).stdout.strip().splitlines()[-1])
-        stamps, _ = trainer_run(root, model, args.steps, args.batch, args.resolution)
+        stamps, _ = trainer_run(root, args.steps, args.batch, args.resolution)
         bare = bare_run(model, args.steps, args.batch, args.resolution)
     skip = max(5, args.steps // 6)
     trainer_step, bare_step = steady_state(stamps, skip), steady_state(bare, skip)
