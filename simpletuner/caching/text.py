@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
+from simpletuner.caching.manifest import CacheManifest
 from simpletuner.caching.plans import PlanReasons
 from simpletuner.caching.store import BackgroundWriter, TensorStore
 
@@ -53,40 +53,21 @@ class TextEmbedCache:
     def __init__(self, store: TensorStore, family_fingerprint: str, name: str = "text"):
         self.store = store
         self.family_fingerprint = family_fingerprint
-        self.manifest_name = f"{name}.manifest.json"
-        self._lock = threading.Lock()
-        self._manifest: dict[str, str] | None = None
-        self._manifest_dirty = False
+        self.manifest = CacheManifest(store, name)  # caption digest -> fingerprint it was encoded with
         self._empty: dict[str, torch.Tensor] | None = None
 
     def key_for(self, caption: str) -> str:
         return hashlib.sha256(json.dumps([caption, self.family_fingerprint]).encode("utf-8")).hexdigest()[:40]
 
-    def _entries(self) -> dict[str, str]:
-        with self._lock:
-            if self._manifest is None:
-                document = self.store.read_document(self.manifest_name) or {}
-                self._manifest = dict(document.get("entries", {}))
-            return self._manifest
-
     def _remember(self, caption: str) -> None:
-        entries = self._entries()
-        with self._lock:
-            entries[_caption_digest(caption)] = self.family_fingerprint
-            self._manifest_dirty = True
+        self.manifest.set(_caption_digest(caption), self.family_fingerprint)
 
     def flush(self) -> None:
-        entries = self._entries()
-        with self._lock:
-            if not self._manifest_dirty:
-                return
-            snapshot = {"version": 1, "entries": dict(entries)}
-            self._manifest_dirty = False
-        self.store.write_document(self.manifest_name, snapshot)
+        self.manifest.flush()
 
     def plan(self, captions: Iterable[str]) -> TextCachePlan:
         stored = self.store.keys()
-        entries = self._entries()
+        entries = self.manifest.entries()
         plan = TextCachePlan()
         for caption in unique_captions(captions):
             if self.key_for(caption) in stored:

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import struct
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -24,6 +23,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from simpletuner.caching.manifest import CacheManifest
 from simpletuner.caching.plans import PlanReasons
 from simpletuner.caching.store import BackgroundWriter, CacheEntryError, TensorStore
 from simpletuner.data.storage.base import Storage
@@ -106,10 +106,7 @@ class LatentCache:
     def __init__(self, store: TensorStore, family_fingerprint: str, name: str = "latents"):
         self.store = store
         self.family_fingerprint = family_fingerprint
-        self.manifest_name = f"{name}.manifest.json"
-        self._lock = threading.Lock()
-        self._manifest: dict[str, dict] | None = None
-        self._manifest_dirty = False
+        self.manifest = CacheManifest(store, name)  # image path -> {key, stamp, geometry, model}
         self._known_problems: dict[str, str] = {}  # path -> reason, from the last scan
         self._queued: dict[str, ImageRecord] = {}  # key -> record, saves in flight during build
         self._saves_since_flush = 0
@@ -119,38 +116,22 @@ class LatentCache:
         inputs = [record.path, record.source_stamp, _geometry(record), self.family_fingerprint]
         return hashlib.sha256(json.dumps(inputs).encode("utf-8")).hexdigest()[:40]
 
-    def _entries(self) -> dict[str, dict]:
-        with self._lock:
-            if self._manifest is None:
-                document = self.store.read_document(self.manifest_name) or {}
-                self._manifest = dict(document.get("entries", {}))
-            return self._manifest
-
     def _remember(self, record: ImageRecord, key: str) -> str | None:
         """Record ``key`` as the entry of ``record.path``; returns the key it replaces, if different."""
-        entries = self._entries()
-        with self._lock:
-            previous = entries.get(record.path, {}).get("key")
-            entries[record.path] = {"key": key, "stamp": record.source_stamp,
-                                    "geometry": _geometry(record), "model": self.family_fingerprint}
-            self._manifest_dirty = True
-        return previous if previous != key else None
+        previous = self.manifest.set(record.path, {"key": key, "stamp": record.source_stamp,
+                                                   "geometry": _geometry(record), "model": self.family_fingerprint})
+        previous_key = (previous or {}).get("key")
+        return previous_key if previous_key != key else None
 
     def flush(self) -> None:
         """Persist the manifest if entries were added since the last flush."""
-        entries = self._entries()
-        with self._lock:
-            if not self._manifest_dirty:
-                return
-            snapshot = {"version": 1, "entries": dict(entries)}
-            self._manifest_dirty = False
-        self.store.write_document(self.manifest_name, snapshot)
+        self.manifest.flush()
 
     # --- planning ---
     def _reason(self, record: ImageRecord) -> str:
         if record.path in self._known_problems:
             return REASON_BROKEN
-        previous = self._entries().get(record.path)
+        previous = self.manifest.entries().get(record.path)
         if previous is None:
             return REASON_NEW
         if previous.get("stamp") != record.source_stamp:
@@ -200,17 +181,10 @@ class LatentCache:
 
     def clear(self) -> int:
         """Delete every entry this cache's manifest knows about, and the manifest. Returns the count."""
-        entries = self._entries()
-        with self._lock:
-            keys = {entry["key"] for entry in entries.values()}
-            entries.clear()
-            self._manifest_dirty = False
+        keys = {entry["key"] for entry in self.manifest.clear()}
         for key in keys:
             self._delete_entry(key)
-        try:
-            self.store.storage.delete(self.manifest_name)
-        except FileNotFoundError:
-            pass
+        self.manifest.delete_document()  # last: until then the manifest still lists what may be left
         self._known_problems.clear()
         return len(keys)
 
@@ -299,7 +273,7 @@ class LatentCache:
         if behaviour == "sync":
             candidates.update(self._sync_candidates(result.records, candidates, stored))
         if not verify:
-            entries = self._entries()
+            entries = self.manifest.entries()
             for i, key in candidates.items():
                 self._apply_check(result, i, key, (None, entries.get(result.records[i].path, {}).get("geometry")))
             return result
@@ -311,7 +285,7 @@ class LatentCache:
 
     def _sync_candidates(self, records: list[ImageRecord], already: dict[int, str],
                          stored: set[str]) -> dict[int, str]:
-        entries = self._entries()
+        entries = self.manifest.entries()
         found = {}
         for i, record in enumerate(records):
             previous = entries.get(record.path)
