@@ -32,11 +32,11 @@ import logging
 import os
 import re
 import shlex
-import tempfile
 from dataclasses import asdict, dataclass
 
 from tqdm import tqdm
 
+from simpletuner.atomic_files import staged_path
 from simpletuner.config.settings import Settings
 from simpletuner.integrations.publishing_config import S3Target, load_publishing_targets
 from simpletuner.integrations.user_scripts import ScriptRunner, command_words, script_errors, script_placeholders
@@ -122,10 +122,8 @@ def upload_to_s3(target: S3Target, output_dir: str, files: list[str], metadata: 
 def write_record(output_dir: str, publications: list[Publication]) -> str:
     """Write output_dir/published.json atomically; returns its path."""
     path = os.path.join(output_dir, RECORD_NAME)
-    handle, temporary = tempfile.mkstemp(dir=output_dir, prefix=f".{RECORD_NAME}.tmp-")
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
+    with staged_path(path) as staging, open(staging, "w", encoding="utf-8") as out:
         json.dump([asdict(item) for item in publications], out, indent=2)
-    os.replace(temporary, path)
     return path
 
 

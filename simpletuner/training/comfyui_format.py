@@ -16,12 +16,12 @@ Layer paths are kept as they are: ``<layer>`` is the diffusers module path.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from typing import Mapping
 
 import torch
+
+from simpletuner.atomic_files import save_safetensors
 
 COMFYUI_PREFIX = "diffusion_model."
 DENOISER_COMPONENTS = ("unet", "transformer")
@@ -171,22 +171,10 @@ def read_lora_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def save_comfyui_lora(path: str, peft_state: Mapping[str, torch.Tensor], alpha: float | Mapping[str, float],
                       lora_config: dict | None = None) -> None:
     """Write a PEFT state as a ComfyUI LoRA file (atomically); lora_config goes into the metadata."""
-    from safetensors.torch import save_file
-
-    tensors = {key: value.detach().cpu().contiguous() for key, value in peft_to_comfyui(peft_state, alpha).items()}
     metadata = {"format": "pt"}
     if lora_config is not None:
         metadata["lora_config"] = json.dumps(lora_config, sort_keys=True, default=_plain)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".comfyui-", suffix=".safetensors", dir=folder)
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    save_safetensors(peft_to_comfyui(peft_state, alpha), path, metadata)
 
 
 def _plain(value):

@@ -21,11 +21,11 @@ import copy
 import json
 import logging
 import os
-import tempfile
 from typing import Any, Iterator
 
 import torch
 
+from simpletuner.atomic_files import save_safetensors
 from simpletuner.config.errors import ConfigError
 from simpletuner.training.trainable import TrainableModel
 
@@ -212,22 +212,10 @@ def perturb_lokr_factors(network, scale: float, generator: torch.Generator) -> i
 
 def save_lycoris_weights(network, path: str, config: dict[str, Any] | None = None) -> None:
     """Write the network's tensors in LyCORIS layout to ``path`` (atomically)."""
-    from safetensors.torch import save_file
-
-    tensors = {key: value.detach().cpu().contiguous() for key, value in network.state_dict().items()}
     metadata = {"format": "pt"}
     if config is not None:
         metadata[METADATA_CONFIG_KEY] = json.dumps(config, sort_keys=True)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".lycoris-", suffix=".safetensors", dir=folder)
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    save_safetensors(network.state_dict(), path, metadata)
 
 
 def load_weights_into(network, path: str, key: str = "init_lora") -> None:

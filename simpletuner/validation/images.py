@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
+from simpletuner.atomic_files import staged_path
 from simpletuner.validation.prompts import ValidationPrompt
 
 IMAGES_FOLDER = "validation_images"
@@ -66,14 +66,8 @@ def save_png(image: Image.Image, folder: str, name: str) -> str:
     """Write ``image`` atomically (temporary file, then rename); returns the path."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, name)
-    handle, staging = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            image.save(stream, format="PNG")
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
+    with staged_path(path, suffix=".png") as staging:
+        image.save(staging, format="PNG")
     return path
 
 
