@@ -25,7 +25,7 @@ from typing import Mapping
 
 from simpletuner.config import sources
 from simpletuner.config.errors import ConfigError
-from simpletuner.training import distributed
+from simpletuner.training import distributed, sharding
 from simpletuner.training.compilation import dynamo_backend_name
 
 logger = logging.getLogger("simpletuner.launch")
@@ -91,27 +91,28 @@ def launch_request(settings, config_path: str | None, environ: Mapping[str, str]
     return LaunchRequest(processes, machines, extra, config_file, force_cpu)
 
 
-def requested_sharding(request: LaunchRequest) -> str | None:
-    """"FSDP" / "DeepSpeed" when the launch asks for it through flags or the accelerate config file."""
-    if any(_has_flag(request.extra_args, flag) for flag in DEEPSPEED_FLAGS):
-        return "DeepSpeed"
-    if any(_has_flag(request.extra_args, flag) for flag in FSDP_FLAGS):
-        return "FSDP"
+def requested_sharding(request: LaunchRequest, settings=None) -> str | None:
+    """"FSDP" / "DeepSpeed" when the launch asks for it: flags, the accelerate config file, or fsdp_enable."""
+    deepspeed = any(_has_flag(request.extra_args, flag) for flag in DEEPSPEED_FLAGS)
+    fsdp = any(_has_flag(request.extra_args, flag) for flag in FSDP_FLAGS) or bool(settings and settings.fsdp_enable)
     if request.config_file and os.path.isfile(request.config_file):
         import yaml
 
         with open(request.config_file, encoding="utf-8") as handle:
             content = yaml.safe_load(handle) or {}
-        kind = str(content.get("distributed_type", "")).upper()
-        return distributed.SHARDED_KINDS.get(kind)
-    return None
+        kind = sharding.DISTRIBUTED_TYPES.get(str(content.get("distributed_type", "")).upper())
+        deepspeed, fsdp = deepspeed or kind == sharding.DEEPSPEED, fsdp or kind == sharding.FSDP
+    if deepspeed and fsdp:
+        raise ConfigError("fsdp_enable", sharding.BOTH_REQUESTED)
+    return sharding.DEEPSPEED if deepspeed else sharding.FSDP if fsdp else None
 
 
 def check_request(request: LaunchRequest, settings) -> None:
     """Refuse, before starting any process, what cannot run."""
-    kind = requested_sharding(request)
-    if kind is not None:
-        raise ConfigError(EXTRA_ARGS_VARIABLE, " ".join(distributed.sharding_problems(kind, settings)))
+    kind = requested_sharding(request, settings)
+    problems = sharding.sharding_problems(kind, settings) if kind else []
+    if problems:
+        raise ConfigError("fsdp_enable" if settings.fsdp_enable else EXTRA_ARGS_VARIABLE, " ".join(problems))
     dynamo_backend_name(settings)
     if request.config_file is None and request.num_machines > 1:
         missing = [flag for flag in ("--machine_rank", "--main_process_ip")
@@ -138,8 +139,8 @@ def launch_arguments(request: LaunchRequest, settings) -> list[str]:
     several = request.num_processes > 1 or request.num_machines > 1
     if several and not any(_has_flag(request.extra_args, flag) for flag in MODE_FLAGS):
         args.append("--multi_gpu")  # torchrun-style start; without GPUs the processes use gloo on the CPU
-        if request.num_machines == 1 and not _has_flag(request.extra_args, "--main_process_port"):
-            args += ["--main_process_port", "0"]  # a free port, so two runs on one machine do not collide
+    if several and request.num_machines == 1 and not _has_flag(request.extra_args, "--main_process_port"):
+        args += ["--main_process_port", "0"]  # a free port, so two runs on one machine do not collide
     return args + request.extra_args
 
 

@@ -26,13 +26,15 @@ def trackers(settings: Settings) -> list[str]:
 
 
 def build_accelerator(settings: Settings):
-    from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
+
+    from simpletuner.training.sharding import create_accelerator
 
     logging_dir = os.path.join(settings.output_dir, settings.logging_dir or "logs")
     project = ProjectConfiguration(project_dir=settings.output_dir, logging_dir=logging_dir)
     log_with = trackers(settings)
-    accelerator = Accelerator(
+    accelerator = create_accelerator(  # FSDP2 / DeepSpeed when asked for (training/sharding.py)
+        settings,
         mixed_precision=settings.mixed_precision or "no",
         gradient_accumulation_steps=int(settings.gradient_accumulation_steps or 1),
         log_with=log_with or None,

@@ -44,7 +44,8 @@ def checkpoint_name(step: int, rolling: bool = False) -> str:
 # --- saving --------------------------------------------------------------------------------
 
 def save_checkpoint(output_dir: str, step: int, epoch: int, state: Mapping[str, Any], config_summary: Mapping,
-                    use_tempdir: bool = True, rolling: bool = False) -> str:
+                    use_tempdir: bool = True, rolling: bool = False, work_folder: str | None = None,
+                    written: Mapping[str, dict] | None = None) -> str:
     """Write ``state`` as a checkpoint folder and return its path.
 
     ``state`` maps a file stem to an object: a dict of tensors becomes
@@ -52,18 +53,24 @@ def save_checkpoint(output_dir: str, step: int, epoch: int, state: Mapping[str, 
     (keep those to tensors and plain Python values: they are loaded with
     ``weights_only=True``). ``config_summary`` is stored in the manifest under
     ``config`` for ``config_differences`` on resume.
+
+    Multi-process saves: ``work_folder`` (from ``new_work_folder``) already
+    holds files other ranks wrote, listed in ``written`` (stem -> manifest
+    entry, from ``write_state_files`` or ``folder_entry``); they join the manifest.
     """
     name = checkpoint_name(step, rolling)
     final = os.path.join(output_dir, name)
     os.makedirs(output_dir, exist_ok=True)
-    if use_tempdir:
-        folder = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=output_dir)
+    if work_folder is not None:
+        folder, use_tempdir = work_folder, True
+    elif use_tempdir:
+        folder = new_work_folder(output_dir, step, rolling)
     else:
         _remove_checkpoint_folder(final)
         os.makedirs(final)
         folder = final
     try:
-        files = _write_state_files(folder, state)
+        files = {**(written or {}), **_write_state_files(folder, state)}
         _write_manifest(folder, {
             "format_version": MANIFEST_VERSION,
             "step": int(step),
@@ -80,6 +87,26 @@ def save_checkpoint(output_dir: str, step: int, epoch: int, state: Mapping[str, 
     if use_tempdir:
         _move_into_place(folder, final)
     return final
+
+
+def new_work_folder(output_dir: str, step: int, rolling: bool = False) -> str:
+    """A hidden folder in output_dir that a checkpoint is built in before it is renamed into place."""
+    os.makedirs(output_dir, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{checkpoint_name(step, rolling)}.tmp-", dir=output_dir)
+
+
+def write_state_files(folder: str, state: Mapping[str, Any]) -> dict[str, dict]:
+    """Write entries as ``save_checkpoint`` does (e.g. another rank's part); returns their manifest entries."""
+    return _write_state_files(folder, state)
+
+
+def folder_entry(folder: str, name: str) -> dict:
+    """Manifest entry for a sub-folder written by other code (e.g. FSDP shards); resumes check its total size."""
+    return {"file": name, "format": "folder", "bytes": _folder_bytes(os.path.join(folder, name))}
+
+
+def _folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, file)) for root, _, files in os.walk(path) for file in files)
 
 
 def _write_state_files(folder: str, state: Mapping[str, Any]) -> dict[str, dict]:
@@ -200,12 +227,15 @@ def load_checkpoint(path: str) -> tuple[dict[str, Any], dict]:
     state: dict[str, Any] = {}
     for stem, entry in manifest["files"].items():
         file_path = os.path.join(path, entry["file"])
-        size = os.path.getsize(file_path) if os.path.isfile(file_path) else None
+        if entry["format"] == "folder":  # read by whoever wrote it; the state holds its path
+            size = _folder_bytes(file_path) if os.path.isdir(file_path) else None
+        else:
+            size = os.path.getsize(file_path) if os.path.isfile(file_path) else None
         if size != entry["bytes"]:
             found = "is missing" if size is None else f"is {size} bytes"
             raise ValueError(f"Checkpoint {path} is damaged: {entry['file']} {found}, the manifest says "
                              f"{entry['bytes']} bytes. Resume from another checkpoint.")
-        state[stem] = _load_file(file_path, entry["format"])
+        state[stem] = file_path if entry["format"] == "folder" else _load_file(file_path, entry["format"])
     return state, manifest
 
 

@@ -7,7 +7,8 @@
   with batch N*b.
 * ``start_watchdog`` / ``SampleIdLog``: diagnostics for stalls, lost ranks and
   which samples each rank trained on.
-* ``sharding_problems``: why an FSDP or DeepSpeed request cannot run here.
+
+FSDP2 and DeepSpeed (sharded models) live in ``sharding.py``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ SAMPLE_ID_ENV = "SIMPLETUNER_LOG_SAMPLE_IDS"
 WATCHDOG_FOLDER = ".watchdog"
 # Collectives may legitimately wait long (rank 0 building caches); the watchdog catches lost ranks sooner.
 MIN_COLLECTIVE_TIMEOUT = 5400.0
-SHARDED_KINDS = {"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}
 
 
 # --- launching ---------------------------------------------------------------------------------
@@ -80,43 +80,6 @@ def init_process_state(environ: Mapping[str, str] = os.environ) -> None:
 
     cpu = not torch.cuda.is_available() or environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     PartialState(cpu=cpu, timeout=timedelta(seconds=collective_timeout(environ)))
-
-
-def sharded_kind(accelerator) -> str | None:
-    """"FSDP" or "DeepSpeed" when accelerate shards the model, else None."""
-    return SHARDED_KINDS.get(str(accelerator.distributed_type).split(".")[-1])
-
-
-def sharding_problems(kind: str, settings, cuda: bool | None = None,
-                      deepspeed_installed: bool | None = None) -> list[str]:
-    """Why an FSDP / DeepSpeed run cannot go ahead here (empty when it can)."""
-    import importlib.util
-
-    cuda = torch.cuda.is_available() if cuda is None else cuda
-    if deepspeed_installed is None:
-        deepspeed_installed = importlib.util.find_spec("deepspeed") is not None
-    problems = []
-    if kind == "DeepSpeed" and not deepspeed_installed:
-        problems.append("DeepSpeed was requested but the deepspeed package is not installed; install it on a CUDA "
-                        "machine (pip install deepspeed).")
-    if not cuda:
-        problems.append(f"{kind} needs NVIDIA GPUs and this machine has no CUDA device. Remove the {kind} settings "
-                        "from ACCELERATE_EXTRA_ARGS / the accelerate config to train with plain data parallelism.")
-    if settings.model_type != "full":
-        problems.append(f"{kind} shards a full model; model_type={settings.model_type} runs use plain data "
-                        "parallelism instead (set model_type=full, or drop the sharding settings).")
-    if not problems:
-        problems.append(f"{kind} keeps only a shard of the weights (and optimizer state) on each rank, and this "
-                        "trainer writes checkpoints and the final model from rank 0's copy without gathering the "
-                        "shards first, so it refuses to start rather than save incomplete files. Train with plain "
-                        "data parallelism (num_processes) meanwhile; see documentation/DISTRIBUTED.md.")
-    return problems
-
-
-def refuse_unsupported_sharding(accelerator, settings) -> None:
-    kind = sharded_kind(accelerator)
-    if kind is not None:
-        raise ConfigError("ACCELERATE_EXTRA_ARGS", " ".join(sharding_problems(kind, settings)))
 
 
 # --- random draws ---------------------------------------------------------------------------------

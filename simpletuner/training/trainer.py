@@ -6,6 +6,7 @@ data pipeline, adapters, optimizer, checkpoints, outputs) do the work.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -13,7 +14,8 @@ import os
 import torch
 
 from simpletuner.config.settings import Settings
-from simpletuner.training import checkpoints, compilation, distributed, lr_schedules, optimizers, run_length
+from simpletuner.training import (checkpoints, compilation, distributed, lr_schedules, model_file_cleanup,
+                                  optimizers, run_length, sharding, unloading)
 from simpletuner.training.accelerator import build_accelerator, weight_dtype_for
 from simpletuner.training.callbacks import build_callbacks
 from simpletuner.training.loss_step import LossStep
@@ -21,6 +23,7 @@ from simpletuner.training.model_setup import prepare_components
 from simpletuner.training.outputs import save_outputs
 from simpletuner.training.progress import TrainingProgress
 from simpletuner.training.run_state import RunState
+from simpletuner.training.save_offload import offloaded_during_save
 from simpletuner.training.trainable import make_trainable
 
 logger = logging.getLogger("simpletuner.trainer")
@@ -50,7 +53,7 @@ class Trainer:
     def setup_accelerator(self) -> None:
         distributed.init_process_state()
         self.accelerator = build_accelerator(self.settings)
-        distributed.refuse_unsupported_sharding(self.accelerator, self.settings)
+        self.sharded = sharding.strategy_for(self.accelerator, self.settings)  # plain, FSDP2 or DeepSpeed
         compilation.disable_accelerate_compile(self.accelerator)  # compile_denoiser does it, in place
         self.device = self.accelerator.device
         self.weight_dtype = weight_dtype_for(self.settings)
@@ -64,6 +67,7 @@ class Trainer:
         self.family = family_class(self.settings)
         self.components = self.family.load(self.device, self.weight_dtype)
         prepare_components(self.family, self.components, self.settings, self.device)
+        model_file_cleanup.delete_denoiser_files(self)  # delete_model_after_load
 
     def setup_data(self) -> None:
         from simpletuner.data.pipeline import prepare_data
@@ -73,6 +77,8 @@ class Trainer:
         distributed.log_cache_work(self.data, self.accelerator.process_index)
         if not self.settings.keep_vae_loaded and not self.data.needs_vae_for_batches:
             self.components.vae.to("cpu")
+        model_file_cleanup.delete_encoder_files(self)  # delete_model_after_load
+        self.text_encoder_unloader = unloading.unload_after_caching(self)  # fully_unload_text_encoder
 
     def setup_trainable(self) -> None:
         self.trained = make_trainable(self.family, self.settings)
@@ -91,11 +97,12 @@ class Trainer:
         settings = self.settings
         learning_rate = lr_schedules.scaled_learning_rate(settings, self.accelerator.num_processes)
         groups = self.trained.param_groups(learning_rate)
-        self.optimizer = optimizers.build_optimizer(settings.replace(learning_rate=learning_rate), groups)
         self.total_steps = self._total_steps()
-        # Stepped by the trainer once per optimizer step, so it counts optimizer steps on every process.
-        self.lr_scheduler = lr_schedules.build_lr_scheduler(settings, self.optimizer, self.total_steps, num_processes=1)
-        self.model, self.optimizer = self.accelerator.prepare(self.trained.module, self.optimizer)
+        # The scheduler is stepped by the trainer once per optimizer step, so it counts optimizer steps everywhere.
+        self.optimizer, self.lr_scheduler = self.sharded.build_optimization(groups, learning_rate, self.total_steps)
+        self.model, self.optimizer, self.lr_scheduler = self.sharded.prepare(self.trained.module, self.optimizer,
+                                                                             self.lr_scheduler)
+        self.trainable = self.sharded.trainable_parameters(self.model, self.trainable)
         if self.trained.module is self.components.denoiser:
             self.components.denoiser = self.model  # the family predicts through the (possibly DDP-wrapped) module
         if settings.optimizer_release_gradients:
@@ -118,6 +125,7 @@ class Trainer:
 
     def setup_callbacks(self) -> None:
         self.callbacks = build_callbacks(self.settings)
+        self.sharded.check_callbacks(self.callbacks, self)
         self.callbacks.on_train_start(self)
 
     # --- loop --------------------------------------------------------------------------
@@ -162,10 +170,9 @@ class Trainer:
         limit = self.settings.max_grad_norm
         if not limit or self.settings.optimizer_release_gradients:  # released gradients never coexist
             return
-        if self.settings.grad_clip_method == "value":
-            self.accelerator.clip_grad_value_(self.trainable, limit)
-        else:
-            self.grad_norm = self.accelerator.clip_grad_norm_(self.trainable, limit)  # read when logged
+        norm = self.sharded.clip_gradients(self.trainable, self.settings.grad_clip_method, limit)
+        if norm is not None:
+            self.grad_norm = norm  # read when logged
 
     def _after_optimizer_step(self, progress: TrainingProgress) -> None:
         state = self.state
@@ -202,9 +209,10 @@ class Trainer:
     def save_checkpoint(self) -> str | None:
         self.watchdog.enter("save_checkpoint")
         self.accelerator.wait_for_everyone()
-        path = None
-        if self.accelerator.is_main_process:
+        # Every rank writes its part (its RNG state, its shard of a sharded model); rank 0 writes the rest.
+        with offloaded_during_save(self) if self.accelerator.is_main_process else contextlib.nullcontext():
             path = self.state.save(self, rolling=self._rolling_due())
+        if self.accelerator.is_main_process:
             checkpoints.rotate_checkpoints(self.settings.output_dir, self.settings.checkpoints_total_limit,
                                            self.settings.checkpoints_rolling_total_limit)
             logger.info("Saved checkpoint %s", path)
@@ -216,8 +224,10 @@ class Trainer:
     def finish(self) -> None:
         self.accelerator.wait_for_everyone()
         optimizers.optimizer_eval_mode(self.optimizer)
+        module = self.sharded.module_for_saving(self.model)  # every rank takes part when the model is sharded
         if self.accelerator.is_main_process:
-            save_outputs(self.trained, self.accelerator.unwrap_model(self.model), self.settings.output_dir, self.ema)
+            with unloading.text_encoders_for_saving(self), offloaded_during_save(self):
+                save_outputs(self.trained, module, self.settings.output_dir, self.ema)
             logger.info("Saved results to %s", os.path.abspath(self.settings.output_dir))
             self.callbacks.on_train_end(self, self.settings.output_dir)
         self.data.close()

@@ -9,7 +9,8 @@ from simpletuner.cli.launch import (LaunchRequest, check_request, child_environm
 from simpletuner.config.errors import ConfigError
 from simpletuner.config.loader import load_config
 from simpletuner.config.settings import Settings
-from simpletuner.training.distributed import adopt_local_rank, sharding_problems
+from simpletuner.training.distributed import adopt_local_rank
+from simpletuner.training.sharding import sharding_problems
 
 NO_CONFIG = {"HF_HOME": "/nonexistent-hf-home"}
 
@@ -98,8 +99,19 @@ def test_sharded_training_is_refused_with_the_reasons(extra, kind):
 def test_sharding_problems_name_the_missing_pieces():
     problems = sharding_problems("DeepSpeed", settings(model_type="full"), cuda=False, deepspeed_installed=False)
     assert any("deepspeed package" in p for p in problems) and any("CUDA" in p for p in problems)
-    ready = sharding_problems("FSDP", settings(model_type="full"), cuda=True, deepspeed_installed=True)
-    assert len(ready) == 1 and "gather" in ready[0]
+    assert sharding_problems("DeepSpeed", settings(model_type="full"), cuda=True, deepspeed_installed=True) == []
+    # FSDP2 runs over gloo as well, so a CPU-only machine can run it
+    assert sharding_problems("FSDP", settings(model_type="full"), cuda=False, deepspeed_installed=False) == []
+
+
+def test_fsdp_launches_on_a_free_port_and_fsdp_enable_counts_as_a_request():
+    request = LaunchRequest(2, 1, ["--use_fsdp", "--fsdp_version", "2"])
+    command = launch_command(request, settings(num_processes=2), [])
+    assert "--multi_gpu" not in command and command[command.index("--main_process_port") + 1] == "0"
+    assert requested_sharding(LaunchRequest(2, 1), settings(fsdp_enable=True)) == "FSDP"
+    with pytest.raises(ConfigError) as caught:
+        check_request(LaunchRequest(2, 1, ["--use_deepspeed"]), settings(model_type="full", fsdp_enable=True))
+    assert "cannot be enabled simultaneously" in str(caught.value)
 
 
 def test_an_unknown_dynamo_backend_is_refused_before_launching():

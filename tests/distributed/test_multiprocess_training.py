@@ -6,9 +6,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers.runs import base_config, train
+from helpers.train_process import Run, sample_lines
+from helpers.train_process import write_config as write_run_config
 
 IMAGES = 8
 
@@ -33,41 +34,8 @@ def assets(tiny_model, tmp_path_factory):
 def write_config(folder: Path, assets, **overrides) -> dict:
     model, images = assets
     # lora_dropout draws masks from each process's own RNG; without it a step is deterministic.
-    config = base_config("sd1x", model, folder, images, optimizer="optimi-adamw", train_batch_size=1,
-                         lora_dropout=0, **overrides)
-    (folder / "config").mkdir(exist_ok=True)
-    (folder / "config" / "config.json").write_text(json.dumps(config))
-    return config
-
-
-class Run:
-    """`simpletuner train` in a subprocess, its output going to a log file (a pipe could fill up and block it)."""
-
-    def __init__(self, folder: Path, *args: str, **env):
-        environment = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "RANK")}
-        environment.update(HF_HOME=str(folder / "hf"), SIMPLETUNER_LOG_SAMPLE_IDS="1", **env)
-        self.log = folder / f"run-{time.monotonic_ns()}.log"
-        with open(self.log, "w") as handle:
-            self.process = subprocess.Popen([sys.executable, "-m", "simpletuner", "train", *args], cwd=folder,
-                                            env=environment, stdout=handle, stderr=subprocess.STDOUT)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait(self, timeout: float = 150) -> int:
-        return self.process.wait(timeout=timeout)
-
-    def succeed(self) -> str:
-        assert self.wait() == 0, self.output()[-4000:]
-        return self.output()
-
-
-def sample_lines(output_dir: Path) -> dict[int, list[dict]]:
-    lines = {}
-    for rank in (0, 1):
-        path = output_dir / "debug" / f"sample_ids-rank{rank}.jsonl"
-        lines[rank] = [json.loads(line) for line in path.read_text().splitlines()]
-    return lines
+    settings = {"optimizer": "optimi-adamw", "train_batch_size": 1, "lora_dropout": 0, **overrides}
+    return write_run_config(folder, base_config("sd1x", model, folder, images, **settings))
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +124,23 @@ def test_a_frozen_rank_is_named_by_the_watchdog_instead_of_hanging(assets, tmp_p
         os.kill(frozen, signal.SIGKILL)
     assert run.wait(timeout=60) != 0
     assert "has sent no heartbeat" in run.output()
+
+
+def test_resume_gives_every_rank_back_its_own_random_state(assets, tmp_path):
+    """lora_dropout draws its masks from each process's own generator, so a resumed run equals an uninterrupted
+    one only when every rank gets its own random state back (rank 1 restoring rank 0's would differ)."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    whole.mkdir(), resumed.mkdir()
+    first = write_config(whole, assets, lora_dropout=0.5, num_processes=2, max_train_steps=4,
+                         checkpoint_step_interval=2)
+    Run(whole).succeed()
+    checkpoint = Path(first["output_dir"]) / "checkpoint-2"
+    assert (checkpoint / "rng-rank0.pt").exists() and (checkpoint / "rng-rank1.pt").exists()
+    second = write_config(resumed, assets, lora_dropout=0.5, num_processes=2, max_train_steps=4,
+                          data_backend_config=first["data_backend_config"])
+    shutil.copytree(checkpoint, Path(second["output_dir"]) / "checkpoint-2")
+    assert "checkpoint-2 at step 2" in Run(resumed).succeed()
+    uninterrupted = load_file(str(Path(first["output_dir"]) / "pytorch_lora_weights.safetensors"))
+    continued = load_file(str(Path(second["output_dir"]) / "pytorch_lora_weights.safetensors"))
+    for key in uninterrupted:
+        assert torch.allclose(continued[key], uninterrupted[key], atol=1e-6), key

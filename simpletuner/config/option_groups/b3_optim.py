@@ -114,7 +114,9 @@ OPTIONS = [
         status=BUILT),
     # Text encoder handling
     opt("fully_unload_text_encoder", "bool", False,
-        "Delete the text encoders from memory entirely once their embeddings are cached.", status=PLANNED),
+        "Delete the text encoders from memory entirely once their embeddings are cached; validation and a "
+        "full model's final save load them again for their duration. Not with train_text_encoder.",
+        status=BUILT),
     opt("save_text_encoder", "bool", False,
         "Include the text encoder in the saved model at the end of training.", status=PLANNED),
     opt("text_encoder_limit", "int", 25,
@@ -135,5 +137,6 @@ OPTIONS = [
         "Process rank on this node, normally set by the launcher; -1 means not distributed.",
         status=BUILT),
     opt("offload_param_path", "str", None,
-        "Directory for DeepSpeed ZeRO NVMe offload files; use a fast, roomy disk.", status=PLANNED),
+        "Directory for DeepSpeed ZeRO NVMe offload files (its nvme_path when the DeepSpeed config offloads "
+        "parameters or optimizer state to nvme); use a fast, roomy disk.", requires="deepspeed", status=BUILT),
 ]
