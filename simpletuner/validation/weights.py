@@ -8,6 +8,7 @@ from typing import Callable, ContextManager, Iterator
 import torch
 
 from simpletuner.training.optimizers import optimizer_eval_mode, optimizer_train_mode
+from simpletuner.training.unloading import text_encoders_loaded
 
 TRAINED = "trained"
 EMA = "ema"
@@ -25,6 +26,8 @@ def validation_mode(trainer, resume_training: bool = True) -> Iterator[None]:
     the end of training, where the trainer has already left training mode).
     The family predicts through the unwrapped denoiser meanwhile, so no
     distributed wrapper runs a collective on the main process alone.
+
+    Text encoders that fully_unload_text_encoder unloaded are loaded for the round.
 
     Pipelines decode latents in the text encoders' dtype without casting, so
     without mixed precision (nothing autocasts) a lower-precision VAE
@@ -44,7 +47,8 @@ def validation_mode(trainer, resume_training: bool = True) -> Iterator[None]:
     if wrapped is trainer.model:
         components.denoiser = trainer.accelerator.unwrap_model(trainer.model)
     try:
-        yield
+        with text_encoders_loaded(trainer, "validation"):
+            yield
     finally:
         components.denoiser = wrapped
         if vae_parameter is not None:
