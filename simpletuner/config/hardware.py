@@ -41,6 +41,34 @@ def _mps() -> bool:
     return torch.backends.mps.is_available()
 
 
+def _xpu() -> bool:
+    import torch
+
+    return hasattr(torch, "xpu") and torch.xpu.is_available()
+
+
+def _any(*checks: Callable[[], bool]) -> Callable[[], bool]:
+    return lambda: any(check() for check in checks)
+
+
+def local_device_type() -> str:
+    """The accelerator type a run here trains on: cuda, xpu, mps, or cpu."""
+    for device_type, available in (("cuda", _cuda), ("xpu", _xpu), ("mps", _mps)):
+        if available():
+            return device_type
+    return "cpu"
+
+
+def _bitsandbytes_runs_here() -> bool:
+    """bitsandbytes is installed and supports this machine's device. Versions before the multi-backend
+    release (0.46) carry no ``supported_torch_devices`` and run on CUDA only."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return False
+    import bitsandbytes
+
+    return local_device_type() in getattr(bitsandbytes, "supported_torch_devices", {"cuda"})
+
+
 @dataclass(frozen=True)
 class Requirement:
     needs: str
@@ -51,7 +79,12 @@ REQUIREMENTS: dict[str, Requirement] = {
     "cuda": Requirement("an NVIDIA GPU with CUDA", _cuda),
     "cuda_fp8": Requirement("an NVIDIA GPU with FP8 support (compute capability 8.9 or newer, e.g. Ada or Hopper)", _cuda_capability(8, 9)),
     "cuda_hopper": Requirement("an NVIDIA Hopper GPU (compute capability 9.0, e.g. H100)", _cuda_capability(9, 0)),
-    "bitsandbytes": Requirement("an NVIDIA GPU with CUDA and the bitsandbytes package", _all(_cuda, _has("bitsandbytes"))),
+    "bitsandbytes": Requirement("the bitsandbytes package in a version that runs on this machine's device "
+                                "(0.46 or newer runs on CPU, CUDA, XPU and MPS; older versions only on CUDA)",
+                                _bitsandbytes_runs_here),
+    "bitsandbytes_loader": Requirement("an NVIDIA (CUDA), Intel (XPU) or Apple (MPS) GPU, which diffusers' "
+                                       "bitsandbytes loader insists on, and the bitsandbytes package",
+                                       _all(_any(_cuda, _xpu, _mps), _bitsandbytes_runs_here)),
     "xformers": Requirement("an NVIDIA GPU with CUDA and the xformers package", _all(_cuda, _has("xformers"))),
     "flash_attn": Requirement("an NVIDIA GPU with CUDA and the flash-attn package", _all(_cuda, _has("flash_attn"))),
     "flash_attn_3": Requirement("an NVIDIA Hopper GPU and the flash-attn 3 package (flash_attn_interface)", _all(_cuda_capability(9, 0), _has("flash_attn_interface"))),

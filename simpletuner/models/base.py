@@ -37,6 +37,8 @@ class ModelFamily:
     default_prediction_type: ClassVar[str]  # epsilon | v_prediction | sample | flow_matching
     flow_matching: ClassVar[bool] = False
     denoiser_subfolder: ClassVar[str] = "unet"  # "unet" or "transformer"
+    # Options that may name a .gguf denoiser file, which the family's loader reads (load_quantization.py).
+    gguf_options: ClassVar[tuple[str, ...]] = ()
     default_lora_targets: ClassVar[tuple[str, ...]] = ()
     pipeline_class: ClassVar[type]  # diffusers text-to-image pipeline
     img2img_pipeline_class: ClassVar[type | None] = None
@@ -75,6 +77,21 @@ class ModelFamily:
         """Load all parts through from_pretrained (hub id, local folder or single file)."""
         raise NotImplementedError
 
+    def load_text_encoders(self, weight_dtype: torch.dtype) -> list[torch.nn.Module]:
+        """The text encoders loaded again from where ``load`` read them, in slot order, on the CPU.
+
+        fully_unload_text_encoder (training/unloading.py) calls this when validation or a pipeline save
+        needs encoders it unloaded. A family that cannot raises NotImplementedError saying why.
+        """
+        raise NotImplementedError(f"model_family={self.name} cannot load its text encoders on their own")
+
+    def quantization_load_kwargs(self, component: str, dtype: torch.dtype) -> dict:
+        """Keywords that quantise ``component`` (``unet``/``transformer`` or a text encoder attribute such as
+        ``text_encoder_2``) inside its from_pretrained call: empty unless quantize_via=pipeline asks for it."""
+        from simpletuner.models.load_quantization import load_kwargs
+
+        return load_kwargs(self, component, dtype)
+
     # --- encoders (used by the caches) ---
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Text-encoder outputs for a list of prompts; every tensor has the batch dim first."""
@@ -96,13 +113,15 @@ class ModelFamily:
         """The denoiser's output for noisy latents at timesteps, conditioned on batch.text and micro-conditioning."""
         raise NotImplementedError
 
-    @staticmethod
-    def control_kwargs(batch: TrainingBatch) -> dict:
+    def control_kwargs(self, batch: TrainingBatch) -> dict:
         """The ControlNet input a batch carries, as the extra keyword of a ControlNet-wrapped denoiser.
 
         Families pass it along in their denoiser call; without conditioning data it is empty.
-        (training/controlnet_model.py: ``ControlledDenoiser``.)
+        (training/controlnet_model.py: ``ControlledDenoiser``.) A control=true run widens the
+        denoiser's input instead (training/channel_control.py), so it passes nothing here.
         """
+        if self.settings.control:
+            return {}
         control = batch.conditioning_latents if batch.conditioning_latents is not None else batch.conditioning_pixels
         return {} if control is None else {"control": control}
 

@@ -27,7 +27,10 @@ def render(name: str) -> str:
              f"| trained module | `{family.denoiser_subfolder}` |",
              f"| text encoders | {', '.join(f'`{a}`' for a in family.text_encoder_attributes) or 'none'} |",
              f"| default LoRA targets | {', '.join(f'`{t}`' for t in family.default_lora_targets)} |",
-             f"| diffusers pipeline | `{family.pipeline_class.__name__}` |", "",
+             f"| diffusers pipeline | `{family.pipeline_class.__name__}` |",
+             f"| channel control (`control=true`) | {_channel_control(name)} |",
+             f"| `.gguf` denoiser file (QUANTISATION.md) | "
+             f"{', '.join(f'`{option}`' for option in family.gguf_options) or 'not available'} |", "",
              "## Flavours", "", "| model_flavour | base model |", "|---|---|"]
     lines += [f"| `{flavour}` | `{path}` |" for flavour, path in family.flavours.items()]
     lines += ["", "Set `pretrained_model_name_or_path` to use another checkpoint of the same architecture "
@@ -39,6 +42,16 @@ def render(name: str) -> str:
               f'# pipe = {family.pipeline_class.__name__}.from_pretrained("output/my-run")  # model_type=full',
               "```", ""]
     return "\n".join(lines)
+
+
+def _channel_control(name: str) -> str:
+    from simpletuner.training.channel_control import CHANNEL_CONTROL_KINDS
+
+    kind = CHANNEL_CONTROL_KINDS.get(name)
+    if kind is None:
+        return "not available"
+    model_types = "lora, full" if kind.lora else "full"
+    return f"`{kind.pipeline_class}` ({model_types}; see CONTROLNET.md)"
 
 
 def _adapter_lines(family) -> list[str]:

@@ -25,6 +25,7 @@ from simpletuner.config.settings import Settings
 from simpletuner.data.types import TrainingBatch
 from simpletuner.models.base import Components, ModelFamily
 from simpletuner.models.flux_lora_targets import FLUX_LORA_TARGETS, flux_lora_targets
+from simpletuner.models.load_quantization import gguf_load_kwargs, is_gguf_file
 from simpletuner.models.registry import register
 from simpletuner.models.sd import LazyClass, local_subfolder, vae_dtype_for
 from simpletuner.models.sdxl import is_single_file
@@ -75,6 +76,7 @@ class Flux(ModelFamily):
     default_prediction_type = "flow_matching"
     flow_matching = True
     denoiser_subfolder = "transformer"
+    gguf_options = ("pretrained_transformer_model_name_or_path", "pretrained_model_name_or_path")
     default_lora_targets = FLUX_LORA_TARGETS["all"]
     pipeline_class = LazyClass("diffusers", "FluxPipeline")
     img2img_pipeline_class = LazyClass("diffusers", "FluxImg2ImgPipeline")
@@ -155,7 +157,7 @@ class Flux(ModelFamily):
         """Where the VAE, text encoders and scheduler are read: the base model folder, or for a
         single-file checkpoint the diffusers folder of the flavour."""
         path = self.model_path(self.settings)
-        return self.flavours[self.flavour()] if is_single_file(path) else path
+        return self.flavours[self.flavour()] if is_single_file(path) or is_gguf_file(path) else path
 
     def _pretrained_kwargs(self) -> dict[str, Any]:
         """revision/variant for the parts read from the base model location."""
@@ -188,11 +190,17 @@ class Flux(ModelFamily):
         self.components = components
         return components
 
+    def load_text_encoders(self, weight_dtype: torch.dtype) -> list[torch.nn.Module]:
+        return self._load_text_encoders(self.config_source(), weight_dtype)[1]
+
     def _load_transformer(self, source: str, weight_dtype: torch.dtype):
         from diffusers import FluxTransformer2DModel
 
         custom = self.settings.pretrained_transformer_model_name_or_path
         path = custom or self.model_path(self.settings)
+        if is_gguf_file(path):  # quantised already (GGUF); the architecture comes from the config source
+            return FluxTransformer2DModel.from_single_file(path, config=source, subfolder="transformer",
+                                                           **gguf_load_kwargs(weight_dtype))
         if is_single_file(path):
             if not os.path.isfile(path):
                 option = "pretrained_transformer_model_name_or_path" if custom else "pretrained_model_name_or_path"
@@ -200,12 +208,14 @@ class Flux(ModelFamily):
                                         "exist; fix the path")
             return FluxTransformer2DModel.from_single_file(path, config=source, subfolder="transformer",
                                                            torch_dtype=weight_dtype)
+        quantization = self.quantization_load_kwargs("transformer", weight_dtype)
         if custom:
             subfolder = self.settings.pretrained_transformer_subfolder or "transformer"
             subfolder = None if subfolder == "none" else local_subfolder(custom, subfolder)
-            return FluxTransformer2DModel.from_pretrained(custom, subfolder=subfolder, torch_dtype=weight_dtype)
+            return FluxTransformer2DModel.from_pretrained(custom, subfolder=subfolder, torch_dtype=weight_dtype,
+                                                          **quantization)
         return FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=weight_dtype,
-                                                      **self._pretrained_kwargs())
+                                                      **self._pretrained_kwargs(), **quantization)
 
     def _load_vae(self, source: str):
         from diffusers import AutoencoderKL
@@ -232,12 +242,15 @@ class Flux(ModelFamily):
         t5_source = self.settings.pretrained_t5_model_name_or_path
         if t5_source:
             subfolder = local_subfolder(t5_source, "text_encoder_2") or ""  # transformers wants "" for the root
-            t5 = T5EncoderModel.from_pretrained(t5_source, subfolder=subfolder, dtype=weight_dtype)
+            t5 = T5EncoderModel.from_pretrained(t5_source, subfolder=subfolder, dtype=weight_dtype,
+                                                **self.quantization_load_kwargs("text_encoder_2", weight_dtype))
         else:
             t5 = T5EncoderModel.from_pretrained(source, subfolder="text_encoder_2", dtype=weight_dtype,
-                                                **self._pretrained_kwargs())
+                                                **self._pretrained_kwargs(),
+                                                **self.quantization_load_kwargs("text_encoder_2", weight_dtype))
         clip = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=weight_dtype,
-                                             **self._pretrained_kwargs())
+                                             **self._pretrained_kwargs(),
+                                             **self.quantization_load_kwargs("text_encoder", weight_dtype))
         return tokenizers, [clip, t5]
 
     def _loaded(self) -> Components:
@@ -283,7 +296,10 @@ class Flux(ModelFamily):
 
     # --- training ---
     def lora_target_modules(self) -> list[str]:
-        return flux_lora_targets(self.settings.flux_lora_target)
+        targets = flux_lora_targets(self.settings.flux_lora_target)
+        if self.settings.control and "x_embedder" not in targets:  # the only layer reading the control latents
+            targets.append("x_embedder")
+        return targets
 
     def guidance_vector(self, batch_size: int, timesteps: torch.Tensor) -> torch.Tensor | None:
         """The guidance number per sample, or None when the transformer has no guidance input.
@@ -326,8 +342,13 @@ class Flux(ModelFamily):
                              f"use bucket sizes that are multiples of {PIXEL_MULTIPLE} pixels")
         embeds = batch.text["prompt_embeds"].to(device=device, dtype=dtype)
         guidance = self.guidance_vector(batch_size, timesteps)
+        hidden = pack_latents(noisy_latents)
+        if self.settings.control:  # channel control: each token also carries its packed control latents
+            from simpletuner.training.channel_control import with_control_tokens
+
+            hidden = with_control_tokens(hidden, batch)
         tokens = self._loaded().denoiser(
-            hidden_states=pack_latents(noisy_latents),
+            hidden_states=hidden,
             encoder_hidden_states=embeds,
             pooled_projections=batch.text["pooled_prompt_embeds"].to(device=device, dtype=dtype),
             timestep=(timesteps.float() / self.num_train_timesteps).to(device=device, dtype=dtype),

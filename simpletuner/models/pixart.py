@@ -20,6 +20,7 @@ import torch
 from simpletuner.config.settings import Settings
 from simpletuner.data.types import TrainingBatch
 from simpletuner.models.base import Components
+from simpletuner.models.load_quantization import gguf_load_kwargs, is_gguf_file
 from simpletuner.models.registry import register
 from simpletuner.models.sd import LazyClass, UNetLatentFamily, local_subfolder
 
@@ -31,18 +32,25 @@ SIGMA_ADDED_CONDITIONS = {"resolution": None, "aspect_ratio": None}
 
 # --- helpers shared by the transformer families in this file, sana.py and lumina2.py ---
 def load_transformer(settings: Settings, model_class, path: str, weight_dtype: torch.dtype,
-                     pretrained_kwargs: dict[str, Any]):
+                     pretrained_kwargs: dict[str, Any], quantization: dict[str, Any] | None = None):
     """The denoiser from pretrained_transformer_model_name_or_path, or from the base model's transformer folder.
 
-    pretrained_transformer_subfolder names the folder inside that source ("none": the top level).
+    pretrained_transformer_subfolder names the folder inside that source ("none": the top level). A .gguf
+    file is read quantised, its architecture from the base model's transformer folder; ``quantization``
+    (ModelFamily.quantization_load_kwargs) quantises other sources while they load.
     """
     subfolder = settings.pretrained_transformer_subfolder or "transformer"
     subfolder = None if subfolder == "none" else subfolder
     custom = settings.pretrained_transformer_model_name_or_path
+    quantization = quantization or {}
+    if is_gguf_file(custom):
+        return model_class.from_single_file(custom, config=path, subfolder="transformer",
+                                            **gguf_load_kwargs(weight_dtype))
     if custom:
         return model_class.from_pretrained(custom, subfolder=local_subfolder(custom, subfolder),
-                                           torch_dtype=weight_dtype)
-    return model_class.from_pretrained(path, subfolder=subfolder, torch_dtype=weight_dtype, **pretrained_kwargs)
+                                           torch_dtype=weight_dtype, **quantization)
+    return model_class.from_pretrained(path, subfolder=subfolder, torch_dtype=weight_dtype, **pretrained_kwargs,
+                                       **quantization)
 
 
 def alignment_problem(settings: Settings, family: str, pixels: int, why: str) -> list[str]:
@@ -153,7 +161,8 @@ class PixArtSigma(PipelineTextEncoding, UNetLatentFamily):
     @classmethod
     def check_settings(cls, settings: Settings) -> list[str]:
         problems = super().check_settings(settings)
-        if settings.model_type == "lora" and settings.lora_type == "standard":
+        # A ControlNet run merges its LoRA into the saved ControlNet, so no LoRA loader is needed there.
+        if settings.model_type == "lora" and settings.lora_type == "standard" and not settings.controlnet:
             problems.append(
                 "model_family=pixart_sigma cannot train a PEFT LoRA (lora_type=standard): diffusers' "
                 "PixArtSigmaPipeline has no LoRA loader, so the result could not be used. Set lora_type=lycoris "
@@ -174,7 +183,8 @@ class PixArtSigma(PipelineTextEncoding, UNetLatentFamily):
         tokenizers, text_encoders = self._load_text_encoders(path, weight_dtype)
         components = Components(
             denoiser=load_transformer(self.settings, PixArtTransformer2DModel, path, weight_dtype,
-                                      self._pretrained_kwargs()),
+                                      self._pretrained_kwargs(),
+                                      self.quantization_load_kwargs("transformer", weight_dtype)),
             vae=self._load_vae(path),
             text_encoders=text_encoders,
             tokenizers=tokenizers,
@@ -191,15 +201,16 @@ class PixArtSigma(PipelineTextEncoding, UNetLatentFamily):
         from transformers import AutoTokenizer, T5EncoderModel
 
         custom = self.settings.pretrained_t5_model_name_or_path
+        quantization = self.quantization_load_kwargs("text_encoder", weight_dtype)
         if custom:
             tokenizer = AutoTokenizer.from_pretrained(custom, subfolder=local_subfolder(custom, "tokenizer") or "")
             encoder = T5EncoderModel.from_pretrained(custom, subfolder=local_subfolder(custom, "text_encoder") or "",
-                                                     dtype=weight_dtype)
+                                                     dtype=weight_dtype, **quantization)
             return [tokenizer], [encoder]
         revision = {"revision": self.settings.revision} if self.settings.revision else {}
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **revision)
         encoder = T5EncoderModel.from_pretrained(path, subfolder="text_encoder", dtype=weight_dtype,
-                                                 **self._pretrained_kwargs())
+                                                 **self._pretrained_kwargs(), **quantization)
         return [tokenizer], [encoder]
 
     # --- training ---
@@ -214,6 +225,7 @@ class PixArtSigma(PipelineTextEncoding, UNetLatentFamily):
             timestep=timesteps.to(device),
             added_cond_kwargs=dict(SIGMA_ADDED_CONDITIONS),
             return_dict=False,
+            **self.control_kwargs(batch),
         )[0]
         if output.shape[1] == 2 * noisy_latents.shape[1]:
             output = output.chunk(2, dim=1)[0]

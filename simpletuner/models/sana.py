@@ -53,6 +53,7 @@ class GemmaFlowFamily(PipelineTextEncoding, UNetLatentFamily):
     flow_matching = True
     valid_prediction_types = ("flow_matching",)
     denoiser_subfolder = "transformer"
+    gguf_options = ("pretrained_transformer_model_name_or_path",)
     default_lora_targets = ATTENTION_LORA_TARGETS
     text_encoder_attributes = ("text_encoder",)
     supports_text_encoder_training = False
@@ -86,7 +87,8 @@ class GemmaFlowFamily(PipelineTextEncoding, UNetLatentFamily):
         tokenizer, encoder = self._load_gemma(path, weight_dtype)
         components = Components(
             denoiser=load_transformer(self.settings, self.transformer_class, path, weight_dtype,
-                                      self._pretrained_kwargs()),
+                                      self._pretrained_kwargs(),
+                                      self.quantization_load_kwargs("transformer", weight_dtype)),
             vae=self._load_vae(path),
             text_encoders=[encoder],
             tokenizers=[tokenizer],
@@ -94,19 +96,23 @@ class GemmaFlowFamily(PipelineTextEncoding, UNetLatentFamily):
         self._finish_load(components, path, device)
         return components
 
+    def load_text_encoders(self, weight_dtype: torch.dtype) -> list[torch.nn.Module]:
+        return [self._load_gemma(self.model_path(self.settings), weight_dtype)[1]]
+
     def _load_gemma(self, path: str, weight_dtype: torch.dtype) -> tuple[Any, Any]:
         from transformers import AutoTokenizer, Gemma2Model
 
         custom = self.settings.pretrained_gemma_model_name_or_path
+        quantization = self.quantization_load_kwargs("text_encoder", weight_dtype)
         if custom:
             encoder_folder, tokenizer_folder = gemma_subfolders(custom)
             tokenizer = AutoTokenizer.from_pretrained(custom, subfolder=tokenizer_folder)
-            encoder = Gemma2Model.from_pretrained(custom, subfolder=encoder_folder, dtype=weight_dtype)
+            encoder = Gemma2Model.from_pretrained(custom, subfolder=encoder_folder, dtype=weight_dtype, **quantization)
             return tokenizer, encoder
         revision = {"revision": self.settings.revision} if self.settings.revision else {}
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **revision)
         encoder = Gemma2Model.from_pretrained(path, subfolder="text_encoder", dtype=weight_dtype,
-                                              **self._pretrained_kwargs())
+                                              **self._pretrained_kwargs(), **quantization)
         return tokenizer, encoder
 
     def _training_scheduler(self, scheduler_config: dict):
@@ -239,4 +245,5 @@ class Sana(GemmaFlowFamily):
             encoder_attention_mask=batch.text["prompt_attention_mask"].to(device),
             timestep=scaled.expand(noisy_latents.shape[0]),
             return_dict=False,
+            **self.control_kwargs(batch),
         )[0]

@@ -94,6 +94,36 @@ class UNetLatentFamily(ModelFamily):
         self._finish_load(components, path, device)
         return components
 
+    def load_text_encoders(self, weight_dtype: torch.dtype) -> list[torch.nn.Module]:
+        path = self.model_path(self.settings)
+        if os.path.isfile(path):
+            raise NotImplementedError(f"the text encoders inside the single-file checkpoint {path} cannot be "
+                                      "loaded on their own")
+        return self._load_text_encoders(path, weight_dtype)[1]
+
+    def single_file_config(self) -> str:
+        """The diffusers folder (hub id or local path) that describes a single-file checkpoint's architecture."""
+        return self.flavours[self.settings.model_flavour or self.default_flavour]
+
+    def _single_file_parts(self, path: str, weight_dtype: torch.dtype, load_denoiser) -> tuple[str, dict[str, Any]]:
+        """(architecture folder, parts loaded apart from a single-file pipeline) for families that read one.
+
+        The VAE loads on its own so it is read straight into its dtype (fp32 unless vae_dtype says
+        otherwise); so does the denoiser when its own location replaces the file's (``load_denoiser``).
+        """
+        from diffusers import AutoencoderKL
+
+        config = self.single_file_config()
+        if self.settings.pretrained_vae_model_name_or_path:
+            vae = self._load_vae(config)
+        else:
+            vae = AutoencoderKL.from_single_file(path, config=config, subfolder="vae",
+                                                 torch_dtype=vae_dtype_for(self.settings.vae_dtype))
+        parts: dict[str, Any] = {"vae": vae}
+        if getattr(self.settings, f"pretrained_{self.denoiser_subfolder}_model_name_or_path"):
+            parts[self.denoiser_subfolder] = load_denoiser(config, weight_dtype)
+        return config, parts
+
     def _pretrained_kwargs(self) -> dict[str, Any]:
         """revision/variant for the parts read from the base model location."""
         kwargs = {}
@@ -109,7 +139,8 @@ class UNetLatentFamily(ModelFamily):
         revision = {"revision": self.settings.revision} if self.settings.revision else {}
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **revision)
         encoder = CLIPTextModel.from_pretrained(
-            path, subfolder="text_encoder", dtype=weight_dtype, **self._pretrained_kwargs()
+            path, subfolder="text_encoder", dtype=weight_dtype, **self._pretrained_kwargs(),
+            **self.quantization_load_kwargs("text_encoder", weight_dtype),
         )
         return [tokenizer], [encoder]
 
@@ -127,12 +158,13 @@ class UNetLatentFamily(ModelFamily):
 
         subfolder = self.settings.pretrained_unet_subfolder or "unet"
         custom = self.settings.pretrained_unet_model_name_or_path
+        quantization = self.quantization_load_kwargs("unet", weight_dtype)
         if custom:
             return UNet2DConditionModel.from_pretrained(
-                custom, subfolder=local_subfolder(custom, subfolder), torch_dtype=weight_dtype
+                custom, subfolder=local_subfolder(custom, subfolder), torch_dtype=weight_dtype, **quantization
             )
         return UNet2DConditionModel.from_pretrained(
-            path, subfolder=subfolder, torch_dtype=weight_dtype, **self._pretrained_kwargs()
+            path, subfolder=subfolder, torch_dtype=weight_dtype, **self._pretrained_kwargs(), **quantization
         )
 
     def _finish_load(self, components: Components, path: str, device: torch.device,
@@ -246,10 +278,15 @@ class UNetLatentFamily(ModelFamily):
         The dtype is not read from the module, so the denoiser may be a wrapper
         (DDP, torch.compile) that the trainer put in ``components.denoiser``.
         """
-        unet = self._loaded().denoiser
+        components = self._loaded()
         device, dtype = noisy_latents.device, noisy_latents.dtype
-        return unet(
-            noisy_latents,
+        sample = noisy_latents
+        if self.settings.control:  # channel control (InstructPix2Pix layout): control latents follow the noisy ones
+            from simpletuner.training.channel_control import with_control_channels
+
+            sample = with_control_channels(noisy_latents, batch, components.vae.config)
+        return components.denoiser(
+            sample,
             timesteps.to(device),
             encoder_hidden_states=batch.text["prompt_embeds"].to(device=device, dtype=dtype),
             added_cond_kwargs=self._added_conditions(batch, dtype, device),

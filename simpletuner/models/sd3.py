@@ -35,7 +35,8 @@ from simpletuner.data.types import TrainingBatch
 from simpletuner.models.transformer_lora import save_transformer_lora
 from simpletuner.models.base import Components
 from simpletuner.models.registry import register
-from simpletuner.models.sd import LazyClass, UNetLatentFamily, local_subfolder, vae_dtype_for
+from simpletuner.models.load_quantization import gguf_load_kwargs, is_gguf_file
+from simpletuner.models.sd import LazyClass, UNetLatentFamily, local_subfolder
 from simpletuner.models.sdxl import is_single_file
 
 ATTENTION_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -65,6 +66,7 @@ class FlowTransformerFamily(UNetLatentFamily):
     default_lora_targets = ATTENTION_LORA_TARGETS
     supports_text_encoder_training = False
     valid_prediction_types = ("flow_matching",)
+    gguf_options = ("pretrained_transformer_model_name_or_path",)
     transformer_class: ClassVar[Any]
     default_t5_length: ClassVar[int]
     t5_reads_attention_mask: ClassVar[bool] = True
@@ -107,10 +109,6 @@ class FlowTransformerFamily(UNetLatentFamily):
         return problems
 
     # --- loading ---
-    def single_file_config(self) -> str:
-        """The diffusers folder (hub id or local path) that describes a single-file checkpoint's architecture."""
-        return self.flavours[self.settings.model_flavour or self.default_flavour]
-
     def load(self, device: torch.device, weight_dtype: torch.dtype) -> Components:
         path = self.model_path(self.settings)
         if is_single_file(path):
@@ -130,12 +128,16 @@ class FlowTransformerFamily(UNetLatentFamily):
         subfolder = self.settings.pretrained_transformer_subfolder or "transformer"
         subfolder = None if subfolder == "none" else subfolder
         custom = self.settings.pretrained_transformer_model_name_or_path
+        if is_gguf_file(custom):  # quantised already; its architecture comes from the base model's folder
+            return self.transformer_class.from_single_file(custom, config=path, subfolder="transformer",
+                                                           **gguf_load_kwargs(weight_dtype))
+        quantization = self.quantization_load_kwargs("transformer", weight_dtype)
         if custom:
             return self.transformer_class.from_pretrained(
-                custom, subfolder=local_subfolder(custom, subfolder), torch_dtype=weight_dtype
+                custom, subfolder=local_subfolder(custom, subfolder), torch_dtype=weight_dtype, **quantization
             )
         return self.transformer_class.from_pretrained(
-            path, subfolder=subfolder, torch_dtype=weight_dtype, **self._pretrained_kwargs()
+            path, subfolder=subfolder, torch_dtype=weight_dtype, **self._pretrained_kwargs(), **quantization
         )
 
     def _load_t5(self, path: str, encoder_class, tokenizer_class, encoder_subfolder: str,
@@ -147,17 +149,18 @@ class FlowTransformerFamily(UNetLatentFamily):
         config.json and tokenizer files sit at its top level.
         """
         custom = self.settings.pretrained_t5_model_name_or_path
+        quantization = self.quantization_load_kwargs(encoder_subfolder, weight_dtype)
         if custom:
             # transformers spells "no subfolder" as ""
             tokenizer = tokenizer_class.from_pretrained(
                 custom, subfolder=local_subfolder(custom, tokenizer_subfolder) or "")
             encoder = encoder_class.from_pretrained(
-                custom, subfolder=local_subfolder(custom, encoder_subfolder) or "", dtype=weight_dtype)
+                custom, subfolder=local_subfolder(custom, encoder_subfolder) or "", dtype=weight_dtype, **quantization)
             return tokenizer, encoder
         revision = {"revision": self.settings.revision} if self.settings.revision else {}
         tokenizer = tokenizer_class.from_pretrained(path, subfolder=tokenizer_subfolder, **revision)
         encoder = encoder_class.from_pretrained(path, subfolder=encoder_subfolder, dtype=weight_dtype,
-                                                **self._pretrained_kwargs())
+                                                **self._pretrained_kwargs(), **quantization)
         return tokenizer, encoder
 
     def _training_scheduler(self, scheduler_config: dict):
@@ -240,17 +243,8 @@ class StableDiffusion3(FlowTransformerFamily):
         return self._load_single_file(path, device, weight_dtype)
 
     def _load_single_file(self, path: str, device: torch.device, weight_dtype: torch.dtype) -> Components:
-        from diffusers import AutoencoderKL
-
-        config = self.single_file_config()
-        if self.settings.pretrained_vae_model_name_or_path:
-            vae = self._load_vae(config)
-        else:  # loaded on its own so it is read straight into its dtype (fp32 unless vae_dtype says otherwise)
-            vae_dtype = vae_dtype_for(self.settings.vae_dtype)
-            vae = AutoencoderKL.from_single_file(path, config=config, subfolder="vae", torch_dtype=vae_dtype)
-        preloaded: dict[str, Any] = {"vae": vae, **self._text_encoders_missing_from(path, config, weight_dtype)}
-        if self.settings.pretrained_transformer_model_name_or_path:
-            preloaded["transformer"] = self._load_transformer(config, weight_dtype)
+        config, preloaded = self._single_file_parts(path, weight_dtype, self._load_transformer)
+        preloaded.update(self._text_encoders_missing_from(path, config, weight_dtype))
         pipeline = self.pipeline_class.from_single_file(path, config=config, torch_dtype=weight_dtype, **preloaded)
         components = Components(
             denoiser=pipeline.transformer,
@@ -279,7 +273,8 @@ class StableDiffusion3(FlowTransformerFamily):
                 tokenizer = attribute.replace("text_encoder", "tokenizer")
                 loaded[tokenizer] = CLIPTokenizer.from_pretrained(config, subfolder=tokenizer, **revision)
                 loaded[attribute] = CLIPTextModelWithProjection.from_pretrained(
-                    config, subfolder=attribute, dtype=weight_dtype, **self._pretrained_kwargs())
+                    config, subfolder=attribute, dtype=weight_dtype, **self._pretrained_kwargs(),
+                    **self.quantization_load_kwargs(attribute, weight_dtype))
         t5_in_file = SINGLE_FILE_TEXT_ENCODER_KEYS["text_encoder_3"] in keys
         if self.settings.pretrained_t5_model_name_or_path or not t5_in_file:
             loaded["tokenizer_3"], loaded["text_encoder_3"] = self._load_sd3_t5(config, weight_dtype)
@@ -297,7 +292,8 @@ class StableDiffusion3(FlowTransformerFamily):
         tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder=name, **revision)
                       for name in ("tokenizer", "tokenizer_2")]
         encoders = [CLIPTextModelWithProjection.from_pretrained(path, subfolder=name, dtype=weight_dtype,
-                                                                **self._pretrained_kwargs())
+                                                                **self._pretrained_kwargs(),
+                                                                **self.quantization_load_kwargs(name, weight_dtype))
                     for name in ("text_encoder", "text_encoder_2")]
         t5_tokenizer, t5_encoder = self._load_sd3_t5(path, weight_dtype)
         return tokenizers + [t5_tokenizer], encoders + [t5_encoder]

@@ -21,7 +21,7 @@ from simpletuner.config.settings import Settings
 from simpletuner.data.types import TrainingBatch
 from simpletuner.models.base import Components
 from simpletuner.models.registry import register
-from simpletuner.models.sd import LazyClass, UNetLatentFamily, vae_dtype_for
+from simpletuner.models.sd import LazyClass, UNetLatentFamily
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -62,10 +62,6 @@ class StableDiffusionXL(UNetLatentFamily):
         return problems
 
     # --- loading ---
-    def single_file_config(self) -> str:
-        """The diffusers folder (hub id or local path) that describes a single-file checkpoint's architecture."""
-        return self.flavours[self.settings.model_flavour or self.default_flavour]
-
     def load(self, device: torch.device, weight_dtype: torch.dtype) -> Components:
         path = self.model_path(self.settings)
         if not is_single_file(path):
@@ -77,17 +73,7 @@ class StableDiffusionXL(UNetLatentFamily):
         return self._load_single_file(path, device, weight_dtype)
 
     def _load_single_file(self, path: str, device: torch.device, weight_dtype: torch.dtype) -> Components:
-        from diffusers import AutoencoderKL
-
-        config = self.single_file_config()
-        if self.settings.pretrained_vae_model_name_or_path:
-            vae = self._load_vae(config)
-        else:  # loaded on its own so it is read straight into its dtype (fp32 unless vae_dtype says otherwise)
-            vae_dtype = vae_dtype_for(self.settings.vae_dtype)
-            vae = AutoencoderKL.from_single_file(path, config=config, subfolder="vae", torch_dtype=vae_dtype)
-        preloaded = {"vae": vae}
-        if self.settings.pretrained_unet_model_name_or_path:
-            preloaded["unet"] = self._load_unet(config, weight_dtype)
+        config, preloaded = self._single_file_parts(path, weight_dtype, self._load_unet)
         pipeline = self.pipeline_class.from_single_file(path, config=config, torch_dtype=weight_dtype, **preloaded)
         components = Components(
             denoiser=pipeline.unet,
@@ -108,10 +94,12 @@ class StableDiffusionXL(UNetLatentFamily):
         ]
         encoders = [
             CLIPTextModel.from_pretrained(
-                path, subfolder="text_encoder", dtype=weight_dtype, **self._pretrained_kwargs()
+                path, subfolder="text_encoder", dtype=weight_dtype, **self._pretrained_kwargs(),
+                **self.quantization_load_kwargs("text_encoder", weight_dtype),
             ),
             CLIPTextModelWithProjection.from_pretrained(
-                path, subfolder="text_encoder_2", dtype=weight_dtype, **self._pretrained_kwargs()
+                path, subfolder="text_encoder_2", dtype=weight_dtype, **self._pretrained_kwargs(),
+                **self.quantization_load_kwargs("text_encoder_2", weight_dtype),
             ),
         ]
         return tokenizers, encoders

@@ -1,15 +1,19 @@
-"""Quantising frozen weights after loading: the denoiser under a LoRA (base_model_precision)
-and each text encoder (text_encoder_N_precision).
+"""Quantising frozen weights: the denoiser under a LoRA (base_model_precision) and each text encoder
+(text_encoder_N_precision).
 
-Two backends run here: optimum-quanto (``quantize`` then ``freeze``, which swaps Linear and
-Conv layers for quanto QModules holding int8/int4/int2/fp8 weights) and torchao
-(``quantize_``, which swaps Linear weights for torchao tensor subclasses). PEFT attaches a
-LoRA to both afterwards: quanto's QLinear is an ``nn.Linear`` subclass and PEFT has a
-dedicated torchao LoRA layer.
+With quantize_via=cpu or accelerator this setup step quantises the loaded modules with one of three
+backends: optimum-quanto (``quantize`` then ``freeze``, which swaps Linear and Conv layers for quanto
+QModules holding int8/int4/int2/fp8 weights), torchao (``quantize_``, which swaps Linear weights for
+torchao tensor subclasses) or bitsandbytes (nf4.py: Linear layers become NF4 ``Linear4bit``). PEFT
+attaches a LoRA to all three: quanto's QLinear is an ``nn.Linear`` subclass and PEFT has dedicated
+torchao and bitsandbytes LoRA layers.
 
-Levels that need hardware this machine lacks stop with the requirement named, and
-``quantize_via=pipeline`` (quantising inside diffusers' loader) is not built: the option
-table lists it as a planned choice.
+With quantize_via=pipeline the family loaders quantised the components already
+(models/load_quantization.py); this step only checks that each one asked for really was. A .gguf
+denoiser file arrives quantised the same way.
+
+Every setting that cannot work is refused by quantization_checks.py, before loading when the config
+is validated and again here.
 """
 
 from __future__ import annotations
@@ -22,10 +26,16 @@ import torch
 from simpletuner.config import hardware
 from simpletuner.config.errors import ConfigError
 from simpletuner.config.settings import Settings
+from simpletuner.models.load_quantization import loader_quantised
+from simpletuner.models.quantization_plan import NO_CHANGE, component_names, plan
+from simpletuner.training.quantization_checks import denoiser_trains_fully, gguf_denoiser_option, \
+    quantization_problems
+
+__all__ = ["NO_CHANGE", "denoiser_trains_fully", "quantize_components", "quantize_module", "stored_bytes",
+           "text_encoder_option"]
 
 logger = logging.getLogger("simpletuner.quantization")
 
-NO_CHANGE = "no_change"
 # level -> the optimum.quanto weight qtype attribute
 QUANTO_WEIGHTS = {
     "int8-quanto": "qint8",
@@ -40,8 +50,7 @@ TORCHAO_CONFIGS = {
     "int4-torchao": "Int4WeightOnlyConfig",
     "fp8-torchao": "Float8WeightOnlyConfig",
 }
-# lora_init_type values that rewrite the base weights, which a quantised base cannot take
-_BASE_REWRITING_INITS = ("pissa", "olora")
+BNB_LEVELS = ("nf4-bnb",)
 
 
 def text_encoder_option(slot: int) -> str:
@@ -50,63 +59,47 @@ def text_encoder_option(slot: int) -> str:
 
 
 def quantize_components(family, components, settings: Settings, device) -> None:
-    """Setup step: quantise the denoiser and text encoders that their precision options name."""
-    for option, level, module in _targets(family, components, settings):
-        check_level(option, level, settings)
+    """Setup step: quantise the denoiser and text encoders that their precision options name
+    (quantize_via=cpu/accelerator), or check that the loader did (quantize_via=pipeline, .gguf)."""
+    problems = quantization_problems(settings, family)
+    if problems:
+        raise problems[0]
+    gguf_option = gguf_denoiser_option(settings, family)
+    if gguf_option:
+        _log_loader_quantised(gguf_option, components.denoiser)
+    options = component_names(family)
+    modules = dict(zip(options, [components.denoiser, *components.text_encoders]))
+    for component, quantization in plan(settings, family).items():
+        option, module = options[component], modules[component]
+        if settings.quantize_via == "pipeline":
+            _require_loader_quantised(component, option, module)
+            if quantization.backend == "bitsandbytes":
+                from simpletuner.training.nf4 import limit_packed_cpu_kernel
+
+                limit_packed_cpu_kernel(module)
+            _log_loader_quantised(option, module)
+            continue
+        check_level(option, quantization.level, settings)
         before = stored_bytes(module)
-        quantize_module(module, level, settings.quantize_via, device)
-        logger.info("%s=%s: %s weights %.2f MB -> %.2f MB", option, level, type(module).__name__,
+        quantize_module(module, quantization.level, settings.quantize_via, device)
+        logger.info("%s=%s: %s weights %.2f MB -> %.2f MB", option, quantization.level, type(module).__name__,
                     before / 2**20, stored_bytes(module) / 2**20)
 
 
-def _targets(family, components, settings: Settings) -> list[tuple[str, str, torch.nn.Module]]:
-    targets = []
-    base_level = settings.base_model_precision or NO_CHANGE
-    if base_level != NO_CHANGE:
-        _check_base_can_be_quantised(settings, base_level)
-        targets.append(("base_model_precision", base_level, components.denoiser))
-    for slot in range(4):
-        option = text_encoder_option(slot)
-        level = getattr(settings, option) or NO_CHANGE
-        if level == NO_CHANGE:
-            continue
-        if slot >= len(components.text_encoders):
-            raise ConfigError(option, f"{option}={level}, but model_family={family.name} has "
-                                      f"{len(components.text_encoders)} text encoder(s). Remove {option}.")
-        if settings.train_text_encoder:
-            raise ConfigError(option, f"{option}={level} quantises a text encoder that train_text_encoder=true "
-                                      "would train. Set train_text_encoder=false or remove the precision option.")
-        targets.append((option, level, components.text_encoders[slot]))
-    return targets
+def _require_loader_quantised(component: str, option: str, module: torch.nn.Module) -> None:
+    if not loader_quantised(module):
+        raise ConfigError(option, f"{option} (quantize_via=pipeline) asked to quantise {component} while loading, "
+                                  f"but its loader could not: a {component} read from a single-file checkpoint "
+                                  "loads without a quantization config. Use quantize_via=cpu or accelerator.")
 
 
-def denoiser_trains_fully(settings: Settings) -> bool:
-    """model_type=full trains the denoiser itself, unless a ControlNet is what trains (the denoiser stays frozen)."""
-    return settings.model_type == "full" and not settings.controlnet
-
-
-def _check_base_can_be_quantised(settings: Settings, level: str) -> None:
-    if denoiser_trains_fully(settings):
-        raise ConfigError("base_model_precision", f"base_model_precision={level} quantises the denoiser, but "
-                                                  "model_type=full trains every one of its weights and quantised "
-                                                  "weights cannot be trained. Use model_type=lora, or set "
-                                                  "base_model_precision=no_change.")
-    if level in TORCHAO_CONFIGS and settings.model_type == "lora" and settings.lora_type == "lycoris":
-        raise ConfigError("base_model_precision", f"lora_type=lycoris adds its update to each base weight, which "
-                                                  f"torchao's quantised tensors ({level}) cannot do. Use int8-quanto.")
-    init_type = settings.lora_init_type or "default"
-    if init_type in _BASE_REWRITING_INITS:
-        raise ConfigError("lora_init_type", f"lora_init_type={init_type} rewrites the base weights, which "
-                                            f"base_model_precision={level} has quantised. Choose lora_init_type="
-                                            "default or gaussian, or set base_model_precision=no_change.")
-    if level == "int4-torchao" and settings.model_type == "lora":
-        raise ConfigError("base_model_precision", "base_model_precision=int4-torchao cannot carry a LoRA: PEFT's "
-                                                  "torchao LoRA layer supports int8 weights only. Use int8-torchao "
-                                                  "or int4-quanto.")
+def _log_loader_quantised(option: str, module: torch.nn.Module) -> None:
+    logger.info("%s: %s loaded quantised, %.2f MB of weights", option, type(module).__name__,
+                stored_bytes(module) / 2**20)
 
 
 def check_level(option: str, level: str, settings: Settings) -> None:
-    """Raise ConfigError when ``level`` cannot run here (hardware, package, or a loader-time level)."""
+    """Raise ConfigError when ``level`` cannot run here (hardware or a missing package)."""
     from simpletuner.config.options import OPTIONS
 
     requirement = OPTIONS[option].gated_choices.get(level)  # the option table names each level's hardware
@@ -114,18 +107,12 @@ def check_level(option: str, level: str, settings: Settings) -> None:
     if needs:
         raise ConfigError(option, f"{option}={level} needs {needs}, which this machine does not have. Choose "
                                   "int8-quanto or int8-torchao (both run anywhere) or run on hardware that has it.")
-    if settings.quantize_via == "pipeline":
-        raise ConfigError("quantize_via", "quantize_via=pipeline (quantising inside diffusers' loader) is not "
-                                          "implemented yet. Use quantize_via=cpu or accelerator.")
-    if level == "nf4-bnb":
-        raise ConfigError(option, f"{option}=nf4-bnb is applied by diffusers' loader (quantize_via=pipeline), "
-                                  "which is not implemented yet. Choose int4-quanto or int8-quanto.")
     if level == "int4-torchao" and importlib.util.find_spec("mslk") is None:
         raise ConfigError(option, f"{option}=int4-torchao needs torchao's int4 kernels (the mslk package, "
                                   "version 1.0 or newer). Install it or choose int4-quanto.")
-    if level not in QUANTO_WEIGHTS and level not in TORCHAO_CONFIGS:
+    if level not in QUANTO_WEIGHTS and level not in TORCHAO_CONFIGS and level not in BNB_LEVELS:
         raise ConfigError(option, f"{option}={level!r} is not a quantisation level; choose one of "
-                                  f"{', '.join([NO_CHANGE, *QUANTO_WEIGHTS, *TORCHAO_CONFIGS])}.")
+                                  f"{', '.join([NO_CHANGE, *QUANTO_WEIGHTS, *TORCHAO_CONFIGS, *BNB_LEVELS])}.")
 
 
 def quantize_module(module: torch.nn.Module, level: str, quantize_via: str, device) -> None:
@@ -134,6 +121,10 @@ def quantize_module(module: torch.nn.Module, level: str, quantize_via: str, devi
     module.to(where)
     if level in QUANTO_WEIGHTS:
         _quantize_with_quanto(module, QUANTO_WEIGHTS[level])
+    elif level in BNB_LEVELS:
+        from simpletuner.training.nf4 import quantize_to_nf4
+
+        quantize_to_nf4(module, where)
     else:
         _quantize_with_torchao(module, TORCHAO_CONFIGS[level])
     module.to(device)
@@ -160,6 +151,15 @@ def stored_bytes(module: torch.nn.Module) -> int:
 def _tensor_bytes(tensor: torch.Tensor) -> int:
     flatten = getattr(tensor, "__tensor_flatten__", None)
     if flatten is None or type(tensor) in (torch.Tensor, torch.nn.Parameter):
-        return tensor.numel() * tensor.element_size()
+        return tensor.numel() * tensor.element_size() + _quant_state_bytes(tensor)
     inner_names, _ = flatten()
     return sum(_tensor_bytes(getattr(tensor, name)) for name in inner_names)
+
+
+def _quant_state_bytes(tensor: torch.Tensor) -> int:
+    """The block scales bitsandbytes keeps beside a 4-bit weight (its quant_state), 0 for other tensors."""
+    state = getattr(tensor, "quant_state", None)
+    if state is None or not hasattr(state, "as_dict"):
+        return 0
+    return sum(value.numel() * value.element_size() for value in state.as_dict(packed=True).values()
+               if isinstance(value, torch.Tensor))

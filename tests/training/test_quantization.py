@@ -1,34 +1,23 @@
-"""Quantised frozen weights: quanto and torchao bases that still carry a training LoRA, and the refusals."""
+"""Quantised frozen weights after loading (quantize_via=cpu/accelerator): quanto, torchao and bitsandbytes
+bases that still carry a training LoRA, and the refusals."""
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from helpers.lora_checks import lora_layers, lora_trained
 from helpers.runs import base_config, run_trainer
 from simpletuner.config import hardware
 from simpletuner.config.errors import ConfigError
 from simpletuner.config.settings import Settings
 from simpletuner.config.validate import validate_settings
 from simpletuner.models.base import Components
+from simpletuner.models.sdxl import StableDiffusionXL
 from simpletuner.training import quantization
-from simpletuner.training.trainer import Trainer
 
 
 IMAGE_COUNT = 4  # sample images in this module's copy (the `images` fixture in tests/conftest.py)
-
-
-def lora_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
-    from peft.tuners.lora import LoraLayer
-
-    return [layer for layer in module.modules() if isinstance(layer, LoraLayer)]
-
-
-def lora_weights_moved(trainer: Trainer) -> bool:
-    """True when some LoRA up-projection left its zero initialisation: the adapter trained."""
-    return any(layer.lora_B["default"].weight.abs().sum() > 0 for layer in lora_layers(trainer.trained.module))
 
 
 def test_int8_quanto_lora_trains_on_a_quantised_sdxl(tiny_model, images, tmp_path):
@@ -43,7 +32,7 @@ def test_int8_quanto_lora_trains_on_a_quantised_sdxl(tiny_model, images, tmp_pat
     layers = lora_layers(unet)
     assert layers and all(isinstance(layer.get_base_layer(), QModuleMixin) for layer in layers)
     assert isinstance(layers[0].get_base_layer().weight, WeightQBytesTensor)
-    assert lora_weights_moved(trainer)
+    assert lora_trained(trainer.trained.module)
     float_bytes = quantization.stored_bytes(UNet2DConditionModel.from_pretrained(model, subfolder="unet"))
     lora_bytes = sum(p.numel() * p.element_size() for p in trainer.trainable)
     assert quantization.stored_bytes(unet) - lora_bytes < 0.5 * float_bytes
@@ -63,7 +52,7 @@ def test_int8_torchao_lora_trains_on_a_quantised_sdxl(tiny_model, images, tmp_pa
     assert layers and all(isinstance(layer, TorchaoLoraLinear) for layer in layers)
     weight = layers[0].get_base_layer().weight
     assert isinstance(weight, TorchAOBaseTensor) and weight.qdata.dtype == torch.int8
-    assert lora_weights_moved(trainer)
+    assert lora_trained(trainer.trained.module)
 
 
 def test_int8_quanto_lora_trains_on_a_quantised_flux(tiny_model, images, tmp_path):
@@ -74,7 +63,7 @@ def test_int8_quanto_lora_trains_on_a_quantised_flux(tiny_model, images, tmp_pat
     layers = lora_layers(trainer.trained.module)
     assert layers and all(isinstance(layer.get_base_layer(), QModuleMixin) for layer in layers)
     assert any(isinstance(module, QModuleMixin) for module in trainer.components.text_encoders[1].modules())
-    assert lora_weights_moved(trainer)
+    assert lora_trained(trainer.trained.module)
 
 
 def small_model() -> torch.nn.Module:
@@ -83,9 +72,12 @@ def small_model() -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("level", ["int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "fp8uz-quanto",
-                                   "int8-torchao", "fp8-torchao"])
+                                   "int8-torchao", "fp8-torchao", "nf4-bnb"])
 def test_every_cpu_level_really_quantises(level):
-    """fp8-torchao is gated to FP8 GPUs for training speed; its weight conversion itself runs anywhere."""
+    """fp8-torchao is gated to FP8 GPUs for training speed; its weight conversion itself runs anywhere.
+    nf4-bnb runs here because the installed bitsandbytes supports the CPU."""
+    if level == "nf4-bnb" and hardware.unmet("bitsandbytes"):
+        pytest.skip("the installed bitsandbytes does not run on this device")
     model = small_model()
     inputs = torch.randn(4, 64)
     expected = model(inputs)
@@ -107,7 +99,8 @@ def test_lower_bit_levels_store_fewer_bytes():
 
 
 def components_for(settings: Settings, encoders: int = 1) -> tuple:
-    family = SimpleNamespace(name="sdxl")
+    """SDXL's component names over small stand-in modules (the denoiser and ``encoders`` text encoders)."""
+    family = StableDiffusionXL
     components = Components(denoiser=small_model(), vae=None, text_encoders=[small_model() for _ in range(encoders)])
     return family, components
 
@@ -128,7 +121,7 @@ def test_a_controlnet_run_quantises_its_frozen_denoiser():
 
 def test_lycoris_cannot_add_to_torchao_weights():
     settings = Settings({"lora_type": "lycoris", "base_model_precision": "int8-torchao"})
-    with pytest.raises(ConfigError, match="cannot do. Use int8-quanto"):
+    with pytest.raises(ConfigError, match="cannot take. Use int8-quanto"):
         quantization.quantize_components(*components_for(settings), settings, torch.device("cpu"))
 
 
@@ -168,7 +161,8 @@ def test_hardware_levels_are_refused_with_their_requirement(option, level, requi
         quantization.check_level(option, level, Settings({option: level}))
 
 
-def test_loader_only_choices_are_refused_as_not_built():
-    for values in ({"base_model_precision": "nf4-bnb"}, {"quantize_via": "pipeline"}):
-        errors = validate_settings(Settings({**values, "max_train_steps": 1}))
-        assert any("not implemented yet" in str(error) for error in errors), errors
+def test_no_quantisation_choice_is_left_unbuilt():
+    for values in ({"base_model_precision": "nf4-bnb"}, {"quantize_via": "pipeline"},
+                   {"quantization_config": '{"default": {"weights_dtype": "int8"}}', "quantize_via": "pipeline"}):
+        errors = validate_settings(Settings({**values, "max_train_steps": 1, "model_family": "sdxl"}))
+        assert not any("not implemented yet" in str(error) for error in errors), errors

@@ -8,17 +8,15 @@ QUANTISATION_LEVELS = (
     "no_change", "int8-quanto", "int4-quanto", "int2-quanto", "int8-torchao", "nf4-bnb", "int4-torchao",
     "fp8-quanto", "fp8uz-quanto", "fp8-torchao",
 )
-# Quanto levels (fp8 included) and int8-torchao run on a CPU; these three do not.
+# Quanto levels (fp8 included) and int8-torchao run on a CPU; nf4-bnb needs a bitsandbytes that supports the
+# device (recent versions run on CPU too), the two torchao levels an NVIDIA GPU.
 QUANTISATION_NEEDS = {"nf4-bnb": "bitsandbytes", "int4-torchao": "cuda", "fp8-torchao": "cuda_fp8"}
-# Levels applied by diffusers' loader (quantize_via=pipeline), which is not built yet.
-LOADER_ONLY_LEVELS = ("nf4-bnb",)
 
 _TEXT_ENCODER_PRECISION = [
     opt(f"text_encoder_{index}_precision", "str", "no_change",
         f"Quantisation applied to text encoder {index} when it is loaded; no_change keeps its weights as they "
         "are. Frozen encoders usually lose little quality.",
-        choices=QUANTISATION_LEVELS, gated_choices=QUANTISATION_NEEDS, planned_choices=LOADER_ONLY_LEVELS,
-        status=BUILT)
+        choices=QUANTISATION_LEVELS, gated_choices=QUANTISATION_NEEDS, status=BUILT)
     for index in range(1, 5)
 ]
 
@@ -26,20 +24,21 @@ OPTIONS = [
     # Quantisation
     opt("base_model_precision", "str", "no_change",
         "Quantise the frozen denoiser weights to save memory (quanto, torchao or bitsandbytes backends); "
-        "no_change keeps them at their loaded precision.",
-        choices=QUANTISATION_LEVELS, gated_choices=QUANTISATION_NEEDS, planned_choices=LOADER_ONLY_LEVELS,
-        status=BUILT),
+        "no_change keeps them at their loaded precision. A .gguf denoiser file is quantised already.",
+        choices=QUANTISATION_LEVELS, gated_choices=QUANTISATION_NEEDS, status=BUILT),
     *_TEXT_ENCODER_PRECISION,
     opt("base_model_default_dtype", "str", "bf16",
         "Precision of the base-model weights that quantisation leaves unquantised.",
         choices=("bf16", "fp32"), status=PLANNED),
     opt("quantize_via", "str", "cpu",
-        "Where quantisation happens: on the CPU (slow but light on VRAM), on the accelerator (faster, may run "
-        "out of memory), or inside the diffusers loading pipeline.",
-        choices=("cpu", "accelerator", "pipeline"), planned_choices=("pipeline",), status=BUILT),
+        "Where quantisation happens: on the CPU after loading (slow but light on VRAM), on the accelerator "
+        "after loading (faster, may run out of memory), or inside the diffusers/transformers loaders while "
+        "the weights are read (pipeline; the bitsandbytes denoiser loader needs a GPU).",
+        choices=("cpu", "accelerator", "pipeline"), status=BUILT),
     opt("quantization_config", "str", None,
-        "For quantize_via=pipeline: diffusers quantization_config overrides as inline JSON or a file path, "
-        "keyed by component (unet, transformer, text_encoder or default).", status=PLANNED),
+        "For quantize_via=pipeline: quantisation-config overrides as inline JSON or a JSON file path, keyed by "
+        "component (unet or transformer, text_encoder, text_encoder_2 ..., or default for the rest); each entry "
+        "holds config keywords and optionally quant_method (bitsandbytes, quanto or torchao).", status=BUILT),
     opt("vae_dtype", "str", "bf16",
         "Precision the VAE runs in while encoding and decoding; default keeps the model's own dtype.",
         choices=("default", "fp32", "fp16", "bf16"), status=BUILT),
@@ -60,8 +59,9 @@ OPTIONS = [
         "Park the text encoders on the CPU while the VAE cache is built, so large models fit during startup; "
         "startup gets slower.", status=BUILT),
     opt("offload_during_save", "bool", False,
-        "Move the pipeline to the CPU for the duration of each checkpoint save, to avoid out-of-memory "
-        "errors while quantised weights are serialised.", status=PLANNED),
+        "Move the models (trained model, denoiser, VAE, loaded text encoders, an accelerator-held EMA copy) to "
+        "the CPU while each checkpoint and the final result are saved, then back, to avoid out-of-memory "
+        "errors while quantised weights are serialised; saves get slower.", status=BUILT),
     opt("enable_model_cpu_offload", "bool", False,
         "Keep the text encoders on the CPU and move each to the accelerator only while it encodes (the VAE "
         "is parked once latents are cached). Cannot be combined with enable_group_offload.", status=BUILT),
