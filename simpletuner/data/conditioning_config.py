@@ -110,24 +110,26 @@ def _check_conditioning_dataset(spec: DatasetSpec, by_id: dict[str, DatasetSpec]
 def _check_against_settings(specs: list[DatasetSpec], links: dict[str, list[DatasetSpec]], settings,
                             problems) -> None:
     training = [spec for spec in specs if not spec.disabled and spec.dataset_type == "image"]
-    controlnet = bool(getattr(settings, "controlnet", False))
+    # controlnet trains a ControlNet on the control images; control (channel control) concatenates their latents.
+    controlled = next((name for name in ("controlnet", "control") if getattr(settings, name, False)), None)
     for spec in training:
         control_sets = [c.id for c in links.get(spec.id, []) if conditioning_type(c) == CONTROLNET]
         label = f"dataset '{spec.id}'"
-        if control_sets and not controlnet:
+        if control_sets and not controlled:
             problems.add(label, "conditioning_data", f"links the ControlNet conditioning dataset(s) "
                                                      f"{', '.join(control_sets)}, but controlnet is off. Set "
-                                                     "controlnet=true to train a ControlNet, or give those datasets "
+                                                     "controlnet=true to train a ControlNet (or "
+                                                     "control=true for channel control), or give those datasets "
                                                      "\"conditioning_type\": \"mask\" if they hold loss masks.")
-        if controlnet and not control_sets:
-            problems.add(label, "conditioning_data", "controlnet=true needs a control image for every training "
+        if controlled and not control_sets:
+            problems.add(label, "conditioning_data", f"{controlled}=true needs a control image for every training "
                                                      "image: add a dataset with \"dataset_type\": \"conditioning\" "
                                                      "holding images named like this dataset's, and set "
                                                      "\"conditioning_data\" to its id.")
-    if controlnet and not getattr(settings, "eval_loss_disable", False):
+    if controlled and not getattr(settings, "eval_loss_disable", False):
         for spec in specs:
             if spec.dataset_type == "eval" and not spec.disabled:
                 problems.add(f"dataset '{spec.id}'", "dataset_type", "eval loss on eval datasets is not "
-                                                                     "implemented for ControlNet training; set "
+                                                                     f"implemented for {controlled}=true runs; set "
                                                                      "eval_loss_disable=true or disable this "
                                                                      "dataset.")

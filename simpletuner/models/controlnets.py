@@ -17,19 +17,38 @@ from typing import Any
 from simpletuner.config.errors import ConfigError
 
 PIXELS = "pixels"  # the control image itself, fed in [0, 1] (SD 1.x/2.x/XL ControlNetModel)
-LATENTS = "latents"  # the control image's VAE latents (MMDiT ControlNets: SD3, Flux)
+LATENTS = "latents"  # the control image's VAE latents (transformer ControlNets: SD3, Flux, Sana, PixArt)
+
+
+def resolve_class(name: str) -> type:
+    """A class named in a ControlNetKind: a diffusers class name, or "module.path:Class" for one of ours."""
+    import importlib
+
+    if ":" in name:
+        module, _, attribute = name.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+    import diffusers
+
+    return getattr(diffusers, name)
 
 
 @dataclass(frozen=True)
 class ControlNetKind:
-    model_class: str  # diffusers ControlNet class
-    pipeline_class: str  # diffusers pipeline that renders with that ControlNet
+    model_class: str  # ControlNet class (see resolve_class)
+    pipeline_class: str  # pipeline that renders with that ControlNet (see resolve_class)
     control_input: str  # PIXELS or LATENTS
-    denoiser_type: str  # "unet", "sd3" or "flux": how the ControlNet's outputs reach the denoiser
+    # "unet", "sd3", "flux", "sana" or "pixart": how the ControlNet's outputs reach the denoiser
+    denoiser_type: str
     image_argument: str  # the pipeline call's keyword for the control image
     # The ControlNet's own layers (control-image embedder, zero-initialised output projections): they have no
     # counterpart in the denoiser, so a LoRA run trains them in full.
     own_modules: tuple[str, ...]
+
+    def model(self) -> type:
+        return resolve_class(self.model_class)
+
+    def pipeline(self) -> type:
+        return resolve_class(self.pipeline_class)
 
 
 # Layers of a UNet ControlNet that a LoRA wraps by default: the copied UNet encoder's attention, feed-forward,
@@ -49,14 +68,19 @@ CONTROLNET_KINDS: dict[str, ControlNetKind] = {
                           "control_image", ("pos_embed_input", "controlnet_blocks")),
     "flux": ControlNetKind("FluxControlNetModel", "FluxControlNetPipeline", LATENTS, "flux", "control_image",
                            ("controlnet_x_embedder", "controlnet_blocks", "controlnet_single_blocks")),
+    "sana": ControlNetKind("SanaControlNetModel", "SanaControlNetPipeline", LATENTS, "sana", "control_image",
+                           ("input_block", "controlnet_blocks")),
+    # diffusers has no PixArt ControlNet: these are ours (models/pixart_controlnet*.py).
+    "pixart_sigma": ControlNetKind("simpletuner.models.pixart_controlnet:PixArtControlNetModel",
+                                   "simpletuner.models.pixart_controlnet_pipeline:PixArtSigmaControlNetPipeline",
+                                   LATENTS, "pixart", "control_image",
+                                   ("controlnet_cond_embedding", "controlnet_blocks")),
 }
 
 # Families this trainer knows but cannot train a ControlNet for, and why.
 UNSUPPORTED = {
-    "pixart_sigma": "diffusers has no PixArt ControlNet model or pipeline to build and load it with",
     "auraflow": "diffusers has no AuraFlow ControlNet model or pipeline to build and load it with",
     "lumina2": "diffusers has no Lumina 2 ControlNet model or pipeline to build and load it with",
-    "sana": "diffusers' SanaControlNetModel cannot be built from a Sana transformer yet",
 }
 
 
@@ -71,7 +95,9 @@ def controlnet_kind(family_name: str | None) -> ControlNetKind:
 
 
 def control_input_for(settings) -> str | None:
-    """PIXELS or LATENTS when the run trains a ControlNet; None otherwise."""
+    """PIXELS or LATENTS when the run trains a ControlNet, LATENTS for channel control (control); else None."""
+    if getattr(settings, "control", False):
+        return LATENTS
     if not getattr(settings, "controlnet", False):
         return None
     return controlnet_kind(getattr(settings, "model_family", None)).control_input

@@ -4,8 +4,9 @@
 calls it exactly like its denoiser, plus the keyword ``control`` (the batch's
 control pixels or latents, see ``ModelFamily.control_kwargs``). It runs the
 ControlNet on the same inputs and hands its outputs to the frozen denoiser
-the way the matching diffusers ControlNet pipeline does, so what is trained
-is what that pipeline renders with.
+the way the matching ControlNet pipeline does (diffusers' own, or for PixArt
+models/pixart_controlnet_pipeline.py), so what is trained is what that
+pipeline renders with. New ControlNets come from controlnet_builders.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from simpletuner.config.errors import ConfigError
 from simpletuner.models.controlnets import ControlNetKind, controlnet_kind, custom_config
+from simpletuner.training.controlnet_builders import controlnet_from_denoiser
 
 logger = logging.getLogger("simpletuner.controlnet")
 
@@ -69,7 +71,26 @@ def _flux_residuals(controlnet, control, args: tuple, kwargs: dict, latent_shift
     return {"controlnet_block_samples": blocks, "controlnet_single_block_samples": single_blocks}
 
 
-RESIDUALS = {"unet": _unet_residuals, "sd3": _sd3_residuals, "flux": _flux_residuals}
+def _sana_residuals(controlnet, control, args: tuple, kwargs: dict, latent_shift: float) -> dict:
+    """Sana: the ControlNet reads the control latents; its block outputs are added after the transformer's blocks."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    samples = controlnet(hidden, encoder_hidden_states=kwargs["encoder_hidden_states"], timestep=kwargs["timestep"],
+                         controlnet_cond=control.to(hidden.dtype),
+                         encoder_attention_mask=kwargs.get("encoder_attention_mask"),
+                         attention_kwargs=kwargs.get("attention_kwargs"), return_dict=False)[0]
+    return {"controlnet_block_samples": tuple(samples)}
+
+
+def _pixart_residuals(controlnet, control, args: tuple, kwargs: dict, latent_shift: float) -> dict:
+    """PixArt: the transformer's forward takes no residuals; they are added by hooks (``BLOCK_RESIDUALS``)."""
+    from simpletuner.models.pixart_controlnet import controlnet_residuals
+
+    return {BLOCK_RESIDUALS: controlnet_residuals(controlnet, control, args, kwargs)}
+
+
+RESIDUALS = {"unet": _unet_residuals, "sd3": _sd3_residuals, "flux": _flux_residuals, "sana": _sana_residuals,
+             "pixart": _pixart_residuals}
+BLOCK_RESIDUALS = "block_residuals"  # residuals added after the denoiser's blocks by forward hooks
 
 
 class ControlledDenoiser(torch.nn.Module):
@@ -92,7 +113,13 @@ class ControlledDenoiser(torch.nn.Module):
             raise ValueError("this run trains a ControlNet, so every batch needs a control input; this one came "
                              "without (only training datasets with conditioning_data provide it)")
         residuals = RESIDUALS[self.kind.denoiser_type](self.controlnet, control, args, kwargs, self.latent_shift)
-        return self.denoiser(*args, **kwargs, **residuals)
+        hooked = residuals.pop(BLOCK_RESIDUALS, None)
+        if hooked is None:
+            return self.denoiser(*args, **kwargs, **residuals)
+        from simpletuner.models.pixart_controlnet import block_residuals_added
+
+        with block_residuals_added(self.denoiser, hooked):
+            return self.denoiser(*args, **kwargs)
 
     def enable_gradient_checkpointing(self, **kwargs) -> None:
         self.controlnet.enable_gradient_checkpointing(**kwargs)
@@ -101,33 +128,6 @@ class ControlledDenoiser(torch.nn.Module):
 
 
 # --- building ---------------------------------------------------------------------------------------
-def _from_denoiser(kind: ControlNetKind, denoiser: torch.nn.Module, overrides: dict[str, Any]):
-    """A new ControlNet initialised from the denoiser; layer-count overrides are consumed from ``overrides``."""
-    import diffusers
-
-    model_class = getattr(diffusers, kind.model_class)
-    config = denoiser.config
-    if kind.denoiser_type == "unet":
-        accepted = ("conditioning_channels", "conditioning_embedding_out_channels",
-                    "controlnet_conditioning_channel_order")
-        return model_class.from_unet(denoiser, **{key: overrides.pop(key) for key in accepted if key in overrides})
-    if kind.denoiser_type == "sd3":
-        # The transformer's last block reads no text output (context_pre_only), so a ControlNet copies fewer.
-        layers = overrides.pop("num_layers", max(1, min(12, config.num_layers - 1)))
-        if not 1 <= int(layers) < config.num_layers:
-            raise ConfigError("controlnet_custom_config", f"num_layers={layers}: an SD3 ControlNet copies between 1 "
-                                                          f"and {config.num_layers - 1} of the transformer's "
-                                                          f"{config.num_layers} blocks.")
-        extra = overrides.pop("extra_conditioning_channels", 0)
-        controlnet = model_class.from_transformer(denoiser, num_layers=layers, num_extra_conditioning_channels=extra)
-        controlnet.register_to_config(force_zeros_for_pooled_projection=False)  # the pipeline then passes pooled text
-        return controlnet
-    arguments = {"num_layers": min(4, config.num_layers), "num_single_layers": min(10, config.num_single_layers),
-                 "attention_head_dim": config.attention_head_dim, "num_attention_heads": config.num_attention_heads}
-    arguments.update({key: overrides.pop(key) for key in list(arguments) if key in overrides})
-    return model_class.from_transformer(denoiser, **arguments)
-
-
 def _reconfigured(controlnet, overrides: dict[str, Any]):
     """A ControlNet with the remaining config overrides, keeping every weight whose shape still fits."""
     unknown = sorted(set(overrides) - set(controlnet.config))
@@ -154,8 +154,6 @@ def _pretrained_location(path: str) -> tuple[str, str | None]:
 
 def build_controlnet(family, denoiser: torch.nn.Module, settings) -> torch.nn.Module:
     """Load controlnet_model_name_or_path, or build a ControlNet from the denoiser (with controlnet_custom_config)."""
-    import diffusers
-
     kind = controlnet_kind(family.name)
     overrides = custom_config(settings)
     path = settings.controlnet_model_name_or_path
@@ -166,9 +164,9 @@ def build_controlnet(family, denoiser: torch.nn.Module, settings) -> torch.nn.Mo
                                                           "remove one of the two.")
         location, subfolder = _pretrained_location(path)
         logger.info("Loading the ControlNet from %s", path)
-        return getattr(diffusers, kind.model_class).from_pretrained(location, subfolder=subfolder)
-    logger.info("Creating a %s from the %s", kind.model_class, type(denoiser).__name__)
-    controlnet = _from_denoiser(kind, denoiser, overrides)
+        return kind.model().from_pretrained(location, subfolder=subfolder)
+    logger.info("Creating a %s from the %s", kind.model().__name__, type(denoiser).__name__)
+    controlnet = controlnet_from_denoiser(kind, denoiser, overrides)
     return _reconfigured(controlnet, overrides) if overrides else controlnet
 
 

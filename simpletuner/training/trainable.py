@@ -124,6 +124,10 @@ def make_trainable(family, settings: Settings) -> TrainableModel:
 
 
 def _denoiser_trainable(family, settings: Settings) -> TrainableModel:
+    if settings.model_type == "full" and settings.control:
+        from simpletuner.training.channel_control import ChannelControlFull
+
+        return ChannelControlFull(family, settings)  # a control LoRA is a PeftLora: only its targets differ
     if settings.model_type == "full":
         return FullModel(family, settings)
     if settings.lora_type == "lycoris":

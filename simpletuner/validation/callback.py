@@ -177,8 +177,8 @@ class ValidationCallback(Callback):
         return controlled.denoiser if controlled is not None else live
 
     def _control(self, trainer) -> ControlImage | None:
-        """A ControlNet run's validation control image (loaded once), or None."""
-        if self.settings.controlnet and self._control_image is None:
+        """A ControlNet or channel-control run's validation control image (loaded once), or None."""
+        if (self.settings.controlnet or self.settings.control) and self._control_image is None:
             self._control_image = first_control_image(trainer.data.conditioning, trainer.data.indexes())
             logger.info("Validation renders use the control image %s", self._control_image.source)
         return self._control_image

@@ -15,7 +15,6 @@ it is shown beside the renders at validation_stitch_input_location.
 
 from __future__ import annotations
 
-import inspect
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import torch
 from PIL import Image
 
 from simpletuner.config.errors import ConfigError
+from simpletuner.models.pipeline_rebuild import rebuilt_pipeline
 from simpletuner.models.controlnets import controlnet_kind
 from simpletuner.training.controlnet_model import ControlledDenoiser
 
@@ -36,29 +36,20 @@ def controlled_denoiser(denoiser: torch.nn.Module) -> ControlledDenoiser | None:
 
 
 def render_pipeline_class(settings, family):
-    """The diffusers pipeline class validation renders with: the ControlNet pipeline in a ControlNet run."""
+    """The diffusers pipeline class validation renders with: the ControlNet pipeline in a ControlNet run,
+    the channel-control pipeline (FluxControlPipeline, InstructPix2Pix) in a control=true run."""
+    if settings.control:
+        from simpletuner.training.channel_control import control_pipeline_class
+
+        return control_pipeline_class(family.name)
     if not settings.controlnet:
         return family.pipeline_class
-    import diffusers
-
-    return getattr(diffusers, controlnet_kind(family.name).pipeline_class)
+    return controlnet_kind(family.name).pipeline()
 
 
 def controlnet_pipeline(pipeline, controlled: ControlledDenoiser):
-    """The family's ControlNet pipeline over ``pipeline``'s modules and settings plus ``controlled``'s ControlNet.
-
-    Built directly rather than with ``from_pipe``, which casts every module
-    to one dtype and so would change the live training modules.
-    """
-    import diffusers
-
-    pipeline_class = getattr(diffusers, controlled.kind.pipeline_class)
-    accepted = set(inspect.signature(pipeline_class.__init__).parameters) - {"self"}
-    parts = {name: module for name, module in pipeline.components.items() if name in accepted}
-    options = {name: value for name, value in pipeline.config.items() if name in accepted and name not in parts}
-    if "add_watermarker" in accepted:  # SDXL: watermark exactly when the family's own pipeline does
-        options["add_watermarker"] = getattr(pipeline, "watermark", None) is not None
-    return pipeline_class(**parts, **options, controlnet=controlled.controlnet)
+    """The family's ControlNet pipeline over ``pipeline``'s modules and settings plus ``controlled``'s ControlNet."""
+    return rebuilt_pipeline(pipeline, controlled.kind.pipeline(), controlnet=controlled.controlnet)
 
 
 def cover_crop(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -110,6 +101,11 @@ class ControlRenders:
     controlled: ControlledDenoiser
     image: ControlImage
 
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """What the family's own pipeline is built over: the frozen denoiser beside the ControlNet."""
+        return self.controlled.denoiser
+
     def pipeline(self, pipeline):
         return controlnet_pipeline(pipeline, self.controlled)
 
@@ -131,3 +127,25 @@ class ControlRenders:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             yield
+
+
+@dataclass
+class ChannelControlRenders:
+    """What a control=true run's renders add: the channel-control pipeline over the widened denoiser, and
+    the control image argument (training/channel_control.py)."""
+
+    denoiser: torch.nn.Module
+    image: ControlImage
+    family_name: str
+
+    def pipeline(self, pipeline):
+        from simpletuner.training.channel_control import control_pipeline_class
+
+        return rebuilt_pipeline(pipeline, control_pipeline_class(self.family_name))
+
+    def inputs(self, width: int, height: int) -> dict[str, Image.Image]:
+        from simpletuner.training.channel_control import channel_control_kind
+
+        return {channel_control_kind(self.family_name).image_argument: self.image.at(width, height)}
+
+    seeded = staticmethod(ControlRenders.seeded)  # renders repeatable, the training RNG untouched

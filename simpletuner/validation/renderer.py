@@ -6,7 +6,8 @@ image-to-image pipeline when a prompt first brings an input image
 accepts; img2img renders keep their input's size and the pipeline's own
 default strength. Image ``index`` draws its noise from seed ``seed + index``.
 A ControlNet run renders with the family's ControlNet pipeline and a control
-image (``control.ControlRenders``).
+image (``control.ControlRenders``); a control=true run with the family's
+channel-control pipeline and a control image (``control.ChannelControlRenders``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from PIL import Image
 
 from simpletuner.config.errors import ConfigError
 from simpletuner.validation.cfg_delay import DelayedTrueCfg, delayed_steps
-from simpletuner.validation.control import ControlImage, ControlRenders, controlled_denoiser
+from simpletuner.validation.control import ChannelControlRenders, ControlImage, ControlRenders, controlled_denoiser
 from simpletuner.validation.images import RenderKey, generator_device
 from simpletuner.validation.prompts import ValidationPrompt
 from simpletuner.validation.sampling import call_arguments, pipeline_arguments
@@ -54,7 +55,7 @@ class Renderer:
         """``control_image`` is required when ``denoiser`` is a ControlNet run's ControlledDenoiser."""
         self.family = family
         self.denoiser = denoiser
-        self.control = _control_renders(denoiser, control_image)
+        self.control = _control_renders(denoiser, control_image, family, settings)
         self.settings = settings
         self.device = device
         self.generator_device = generator_device(settings, device)
@@ -75,7 +76,7 @@ class Renderer:
             raise ConfigError("validation_using_datasets", "image-to-image validation renders are not implemented "
                                                            "for ControlNet runs; turn validation_using_datasets off.")
         else:
-            pipeline = self.control.pipeline(self.family.build_pipeline(denoiser=self.control.controlled.denoiser))
+            pipeline = self.control.pipeline(self.family.build_pipeline(denoiser=self.control.denoiser))
         scheduler = validation_scheduler(self.settings.validation_noise_scheduler, pipeline.scheduler,
                                          bool(self.family.flow_matching))
         if scheduler is not None:
@@ -103,7 +104,12 @@ class Renderer:
             return sampler.run(prompt.text, inputs, generator, self.autocast)
 
 
-def _control_renders(denoiser: torch.nn.Module, control_image: ControlImage | None) -> ControlRenders | None:
+def _control_renders(denoiser: torch.nn.Module, control_image: ControlImage | None, family,
+                     settings) -> ControlRenders | ChannelControlRenders | None:
+    if settings.control:
+        if control_image is None:
+            raise ValueError("rendering a control=true run needs a control image")
+        return ChannelControlRenders(denoiser, control_image, family.name)
     controlled = controlled_denoiser(denoiser)
     if controlled is None:
         if control_image is not None:

@@ -105,7 +105,9 @@ def test_merged_lora_controlnet_equals_the_adapted_one(tiny_sdxl):
 
 
 @pytest.mark.parametrize("values, option", [
-    ({"controlnet": True, "model_family": "pixart_sigma"}, "controlnet"),
+    ({"controlnet": True, "model_family": "auraflow"}, "controlnet"),
+    ({"controlnet": True, "model_family": "pixart_sigma"}, None),
+    ({"controlnet": True, "model_family": "sana"}, None),
     ({"controlnet": True, "model_family": "sdxl", "lora_type": "lycoris"}, "lora_type"),
     ({"controlnet": True, "model_family": "sdxl", "validation_prompt": "a cat"}, None),
     ({"controlnet": True, "model_family": "sdxl", "validation_using_datasets": True}, "validation_using_datasets"),

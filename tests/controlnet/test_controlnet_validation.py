@@ -14,8 +14,9 @@ from simpletuner.config.settings import Settings
 
 T5_TOKENS = 32  # tokenizer_max_length for flux: the tiny T5 needs no more, and it keeps steps fast
 IMAGE_COUNT = 4  # this module's copy of the session's sample images (conftest ``images``)
-FAMILIES = ["sdxl", "flux", "sd1x", "sd3"]
-FAMILY_OPTIONS = {"flux": {"tokenizer_max_length": T5_TOKENS}, "sd3": {"tokenizer_max_length": T5_TOKENS}}
+FAMILIES = ["sdxl", "flux", "sd1x", "sd3", "sana", "pixart_sigma"]
+FAMILY_OPTIONS = {"flux": {"tokenizer_max_length": T5_TOKENS}, "sd3": {"tokenizer_max_length": T5_TOKENS},
+                  "pixart_sigma": {"tokenizer_max_length": T5_TOKENS}}
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,9 @@ def test_the_render_follows_the_control_image(family_name, tiny_models):
         renderer = Renderer(family, controlled, settings, torch.device("cpu"), 3, nullcontext,
                             control_image=ControlImage(control, "test"))
         assert type(renderer.pipeline).__name__.endswith("ControlNetPipeline")
-        return list(renderer.render(prompt, key).get_flattened_data())
+        image = renderer.render(prompt, key)
+        assert image.size == (64, 64)
+        return list(image.get_flattened_data())
 
     left = render(bar_image((0, 0, 40, 64)))
     assert render(bar_image((56, 0, 96, 64))) != left

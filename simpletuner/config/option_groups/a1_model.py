@@ -56,14 +56,18 @@ OPTIONS = [
         "[10, 20, 30]. Changing it invalidates cached text embeds.", status=PLANNED),
     opt("delete_model_after_load", "bool", False,
         "Remove the base model's files from the Hugging Face cache once they are loaded, trading download "
-        "time on the next run for disk space. Saved checkpoints are never touched.", status=PLANNED),
+        "time on the next run for disk space: the denoiser's files once loaded, the text encoders' and (with "
+        "validation off) the VAE's once the caches are built. Local folders and saved checkpoints are never "
+        "touched.", status=BUILT),
     # ControlNet / control training
     opt("controlnet", "bool", False,
         "Train a ControlNet branch (full or LoRA) that conditions the model on control images.",
         status=BUILT),
     opt("control", "bool", False,
-        "Channel-wise control training: conditioning images are concatenated to the latent input instead "
-        "of going through a separate ControlNet.", status=PLANNED),
+        "Channel-wise control training: the denoiser's input layer is widened and the VAE latents of each "
+        "training image's control image (its conditioning dataset) are concatenated to the noisy latents, "
+        "instead of going through a separate ControlNet. Flux (LoRA or full; renders with FluxControlPipeline) "
+        "and sd1x/sd2x/sdxl (full; InstructPix2Pix pipelines).", status=BUILT),
     opt("controlnet_custom_config", "str", None,
         "JSON object (or file path) overriding the ControlNet's architecture settings, e.g. "
         '{"num_layers": 12}.', status=BUILT),
