@@ -18,7 +18,10 @@ from simpletuner.config.values import describe_kind
 MUTUALLY_EXCLUSIVE = [
     ("enable_group_offload", "enable_model_cpu_offload", "pick one offloading strategy per run"),
     ("ramtorch", "enable_group_offload", "RamTorch and group offload both move weights; use one"),
+    ("fully_unload_text_encoder", "train_text_encoder", "the text encoders being trained cannot leave memory"),
     ("validation_adapter_path", "validation_adapter_config", "give one adapter path or an adapter config file, not both"),
+    ("controlnet", "control", "a run trains either a ControlNet beside the model or the model's own widened input "
+                              "layer (channel control), not both"),
 ]
 
 # (option, required option, sentence): option set without the other is an error.
@@ -58,19 +61,20 @@ def implementation_errors(settings: Settings) -> list[ConfigError]:
             continue
         if option.status == PLANNED and value != option.default:
             errors.append(ConfigError(name, f"{name} is not implemented yet (you set it to {value!r}). "
-                                            f"{_unbuilt_reason(option)}Remove it from your config to train with the default ({option.default!r})."))
-            continue
-        if value in option.planned_choices:
-            errors.append(ConfigError(name, f"{name}={value} is not implemented yet. {_unbuilt_reason(option)}"
-                                            "Choose another value "
-                                            f"({', '.join(str(c) for c in option.choices if c not in option.planned_choices)})."))
+                                            f"{_unbuilt_reason(option)}Remove it from your config to train with "
+                                            f"the default ({option.default!r})."))
             continue
         requirement = option.gated_choices.get(value)
-        if requirement is not None:
-            needs = hardware.unmet(requirement)
-            if needs:
-                errors.append(ConfigError(name, f"{name}={value} needs {needs}, which this machine does not have. "
-                                                "Choose another value or run on hardware that provides it."))
+        needs = hardware.unmet(requirement) if requirement is not None else None
+        if value in option.planned_choices:
+            others = ", ".join(str(c) for c in option.choices if c not in option.planned_choices)
+            hardware_note = f"It also needs {needs}, which this machine does not have. " if needs else ""
+            errors.append(ConfigError(name, f"{name}={value} is not implemented yet. {_unbuilt_reason(option)}"
+                                            f"{hardware_note}Choose another value ({others})."))
+            continue
+        if needs:
+            errors.append(ConfigError(name, f"{name}={value} needs {needs}, which this machine does not have. "
+                                            "Choose another value or run on hardware that provides it."))
     return errors
 
 
@@ -141,10 +145,26 @@ def integration_errors(settings: Settings) -> list[ConfigError]:
 
 
 def controlnet_errors(settings: Settings) -> list[ConfigError]:
-    """ControlNet options that cannot work together or with the chosen family; masked-loss probability range."""
+    """ControlNet and channel-control options that cannot work together or with the chosen family; masked-loss
+    probability range."""
     from simpletuner.models.controlnets import controlnet_problems
+    from simpletuner.training.channel_control import channel_control_problems
 
-    return controlnet_problems(settings)
+    return controlnet_problems(settings) + channel_control_problems(settings)
+
+
+def quantization_errors(settings: Settings) -> list[ConfigError]:
+    """Precision levels, quantization_config and .gguf files the chosen family cannot load or train."""
+    if not settings.model_family:
+        return []
+    from simpletuner.models.registry import get_family
+    from simpletuner.training.quantization_checks import quantization_problems
+
+    try:
+        family = get_family(settings.model_family, settings)
+    except (KeyError, NotImplementedError):
+        return []  # family_errors reports it
+    return quantization_problems(settings, family)
 
 
 def validation_errors(settings: Settings) -> list[ConfigError]:
@@ -168,6 +188,7 @@ CHECKS: list[Callable[[Settings], list[ConfigError]]] = [
     adapter_errors,
     family_errors,
     controlnet_errors,
+    quantization_errors,
     integration_errors,
     validation_errors,
     engine_errors,
