@@ -37,6 +37,7 @@ class ModelFamily:
     default_prediction_type: ClassVar[str]  # epsilon | v_prediction | sample | flow_matching
     flow_matching: ClassVar[bool] = False
     denoiser_subfolder: ClassVar[str] = "unet"  # "unet" or "transformer"
+    vae_class_name: ClassVar[str] = "AutoencoderKL"  # the diffusers class of the VAE
     # Options that may name a .gguf denoiser file, which the family's loader reads (load_quantization.py).
     gguf_options: ClassVar[tuple[str, ...]] = ()
     default_lora_targets: ClassVar[tuple[str, ...]] = ()
@@ -91,6 +92,23 @@ class ModelFamily:
         from simpletuner.models.load_quantization import load_kwargs
 
         return load_kwargs(self, component, dtype)
+
+    def _pretrained_kwargs(self) -> dict[str, Any]:
+        """revision/variant for the parts read from the base model location."""
+        return {key: getattr(self.settings, key) for key in ("revision", "variant") if getattr(self.settings, key)}
+
+    def _load_vae(self, source: str):
+        """The VAE (class ``vae_class_name``) from pretrained_vae_model_name_or_path, else ``source``'s vae/."""
+        import diffusers
+
+        from simpletuner.models.locations import local_subfolder, vae_dtype_for
+
+        vae_class = getattr(diffusers, self.vae_class_name)
+        dtype = vae_dtype_for(self.settings.vae_dtype)
+        custom = self.settings.pretrained_vae_model_name_or_path
+        if custom:
+            return vae_class.from_pretrained(custom, subfolder=local_subfolder(custom, "vae"), torch_dtype=dtype)
+        return vae_class.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **self._pretrained_kwargs())
 
     # --- encoders (used by the caches) ---
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:

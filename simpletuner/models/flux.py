@@ -27,7 +27,8 @@ from simpletuner.models.base import Components, ModelFamily
 from simpletuner.models.flux_lora_targets import FLUX_LORA_TARGETS, flux_lora_targets
 from simpletuner.models.load_quantization import gguf_load_kwargs, is_gguf_file
 from simpletuner.models.registry import register
-from simpletuner.models.sd import LazyClass, local_subfolder, vae_dtype_for
+from simpletuner.models.locations import local_subfolder
+from simpletuner.models.sd import LazyClass
 from simpletuner.models.sdxl import is_single_file
 
 MAX_T5_LENGTH = 512  # the longest T5 sequence Flux was trained with
@@ -159,10 +160,6 @@ class Flux(ModelFamily):
         path = self.model_path(self.settings)
         return self.flavours[self.flavour()] if is_single_file(path) or is_gguf_file(path) else path
 
-    def _pretrained_kwargs(self) -> dict[str, Any]:
-        """revision/variant for the parts read from the base model location."""
-        return {key: getattr(self.settings, key) for key in ("revision", "variant") if getattr(self.settings, key)}
-
     def load(self, device: torch.device, weight_dtype: torch.dtype) -> Components:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -216,15 +213,6 @@ class Flux(ModelFamily):
                                                           **quantization)
         return FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=weight_dtype,
                                                       **self._pretrained_kwargs(), **quantization)
-
-    def _load_vae(self, source: str):
-        from diffusers import AutoencoderKL
-
-        dtype = vae_dtype_for(self.settings.vae_dtype)
-        custom = self.settings.pretrained_vae_model_name_or_path
-        if custom:
-            return AutoencoderKL.from_pretrained(custom, subfolder=local_subfolder(custom, "vae"), torch_dtype=dtype)
-        return AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **self._pretrained_kwargs())
 
     def _load_text_encoders(self, source: str, weight_dtype: torch.dtype) -> tuple[list, list]:
         """CLIP-L and T5 with their tokenizers; pretrained_t5_model_name_or_path replaces the T5 weights.

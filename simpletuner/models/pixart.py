@@ -22,7 +22,8 @@ from simpletuner.data.types import TrainingBatch
 from simpletuner.models.base import Components
 from simpletuner.models.load_quantization import gguf_load_kwargs, is_gguf_file
 from simpletuner.models.registry import register
-from simpletuner.models.sd import LazyClass, UNetLatentFamily, local_subfolder
+from simpletuner.models.locations import local_subfolder
+from simpletuner.models.sd import LazyClass, UNetLatentFamily
 
 ATTENTION_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 PIXART_PROMPT_LENGTH = 300  # T5 tokens, as PixArt Sigma was trained

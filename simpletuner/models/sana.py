@@ -30,7 +30,7 @@ from simpletuner.models.pixart import (
     prompt_length_problem,
 )
 from simpletuner.models.registry import register
-from simpletuner.models.sd import LazyClass, UNetLatentFamily, local_subfolder, vae_dtype_for
+from simpletuner.models.sd import LazyClass, UNetLatentFamily
 
 
 
@@ -181,6 +181,7 @@ class Sana(GemmaFlowFamily):
     the diffusers format that SanaPipeline.load_lora_weights reads. Image sides must be multiples of 32 px."""
 
     name = "sana"
+    vae_class_name = "AutoencoderDC"  # the 32x deep-compression autoencoder
     flavours = {
         "sana1.0-1.6b-1024": "terminusresearch/sana-1.6b-1024px",
         "sana1.0-1.6b-1024-bf16": "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers",
@@ -210,15 +211,6 @@ class Sana(GemmaFlowFamily):
         return {"complex_human_instruction": self.complex_human_instruction(), "clean_caption": False}
 
     # --- loading ---
-    def _load_vae(self, path: str):
-        from diffusers import AutoencoderDC
-
-        dtype = vae_dtype_for(self.settings.vae_dtype)
-        custom = self.settings.pretrained_vae_model_name_or_path
-        if custom:
-            return AutoencoderDC.from_pretrained(custom, subfolder=local_subfolder(custom, "vae"), torch_dtype=dtype)
-        return AutoencoderDC.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **self._pretrained_kwargs())
-
     def _finish_load(self, components: Components, path: str, device: torch.device,
                      scheduler_config: dict | None = None) -> None:
         super()._finish_load(components, path, device, scheduler_config)

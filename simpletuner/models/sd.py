@@ -21,9 +21,9 @@ import torch
 from simpletuner.config.settings import Settings
 from simpletuner.data.types import TrainingBatch
 from simpletuner.models.base import Components, ModelFamily
+from simpletuner.models.locations import local_subfolder, vae_dtype_for
 from simpletuner.models.registry import register
 
-VAE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -35,19 +35,6 @@ class LazyClass:
 
     def __get__(self, instance, owner) -> type:
         return getattr(importlib.import_module(self.module), self.name)
-
-
-def vae_dtype_for(setting: str | None) -> torch.dtype:
-    """The VAE's dtype for a vae_dtype value: float32 unless a lower precision is asked for."""
-    return VAE_DTYPES.get(setting or "default", torch.float32)
-
-
-def local_subfolder(location: str, subfolder: str | None) -> str | None:
-    """``subfolder`` unless ``location`` is a local folder that holds the component at its root."""
-    if subfolder and os.path.isdir(location) and not os.path.isdir(os.path.join(location, subfolder)):
-        if os.path.isfile(os.path.join(location, "config.json")):
-            return None
-    return subfolder
 
 
 class UNetLatentFamily(ModelFamily):
@@ -124,15 +111,6 @@ class UNetLatentFamily(ModelFamily):
             parts[self.denoiser_subfolder] = load_denoiser(config, weight_dtype)
         return config, parts
 
-    def _pretrained_kwargs(self) -> dict[str, Any]:
-        """revision/variant for the parts read from the base model location."""
-        kwargs = {}
-        if self.settings.revision:
-            kwargs["revision"] = self.settings.revision
-        if self.settings.variant:
-            kwargs["variant"] = self.settings.variant
-        return kwargs
-
     def _load_text_encoders(self, path: str, weight_dtype: torch.dtype) -> tuple[list, list]:
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -143,15 +121,6 @@ class UNetLatentFamily(ModelFamily):
             **self.quantization_load_kwargs("text_encoder", weight_dtype),
         )
         return [tokenizer], [encoder]
-
-    def _load_vae(self, path: str):
-        from diffusers import AutoencoderKL
-
-        dtype = vae_dtype_for(self.settings.vae_dtype)
-        custom = self.settings.pretrained_vae_model_name_or_path
-        if custom:
-            return AutoencoderKL.from_pretrained(custom, subfolder=local_subfolder(custom, "vae"), torch_dtype=dtype)
-        return AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **self._pretrained_kwargs())
 
     def _load_unet(self, path: str, weight_dtype: torch.dtype):
         from diffusers import UNet2DConditionModel

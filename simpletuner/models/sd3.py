@@ -36,7 +36,8 @@ from simpletuner.models.transformer_lora import save_transformer_lora
 from simpletuner.models.base import Components
 from simpletuner.models.registry import register
 from simpletuner.models.load_quantization import gguf_load_kwargs, is_gguf_file
-from simpletuner.models.sd import LazyClass, UNetLatentFamily, local_subfolder
+from simpletuner.models.locations import local_subfolder
+from simpletuner.models.sd import LazyClass, UNetLatentFamily
 from simpletuner.models.sdxl import is_single_file
 
 ATTENTION_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
