@@ -37,6 +37,21 @@ class LazyClass:
         return getattr(importlib.import_module(self.module), self.name)
 
 
+def one_key_layout(peft_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A PEFT LoRA state in diffusers' key layout, or left in PEFT's when diffusers' converter cannot rename every key.
+
+    The converter renames only the attention projections (to_q/to_k/to_v/to_out.0, q/k/v/out_proj) to
+    diffusers' ``lora.down``/``lora.up`` names. The loaders pick one layout from the first key, so a file
+    mixing both (e.g. peft_lora_target_modules adding proj_in or add_k_proj) would silently lose layers.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    converted = convert_state_dict_to_diffusers(dict(peft_state))
+    if any(".lora_A." in key or ".lora_B." in key for key in converted):
+        return dict(peft_state)
+    return converted
+
+
 class UNetLatentFamily(ModelFamily):
     """Shared behaviour of the UNet + AutoencoderKL + CLIP families. Not registered itself."""
 
@@ -295,8 +310,6 @@ class UNetLatentFamily(ModelFamily):
         "unet" / a text encoder attribute to its ``LoraConfig.to_dict()`` so the
         file records lora_alpha; without it loaders assume alpha == rank.
         """
-        from diffusers.utils import convert_state_dict_to_diffusers
-
         text_states = text_encoder_lora_states or {}
         metadata = adapter_metadata or {}
         unknown = (set(text_states) | set(metadata)) - set(self.text_encoder_attributes) - {"unet"}
@@ -305,11 +318,11 @@ class UNetLatentFamily(ModelFamily):
                 f"{self.name} has no component(s) {sorted(unknown)}; "
                 f"text encoders are {list(self.text_encoder_attributes)}"
             )
-        arguments: dict[str, Any] = {"unet_lora_layers": convert_state_dict_to_diffusers(denoiser_lora_state)}
+        arguments: dict[str, Any] = {"unet_lora_layers": one_key_layout(denoiser_lora_state)}
         if "unet" in metadata:
             arguments["unet_lora_adapter_metadata"] = metadata["unet"]
         for attribute, state in text_states.items():
-            arguments[f"{attribute}_lora_layers"] = convert_state_dict_to_diffusers(state)
+            arguments[f"{attribute}_lora_layers"] = one_key_layout(state)
             if attribute in metadata:
                 arguments[f"{attribute}_lora_adapter_metadata"] = metadata[attribute]
         os.makedirs(output_dir, exist_ok=True)

@@ -34,6 +34,26 @@ def test_lora_trains_saves_and_changes_the_output(family, tiny_model, images, tm
     assert not torch.allclose(before, after), "the trained LoRA did not change the image"
 
 
+def test_lora_on_layers_beyond_attention_loads_every_layer(tiny_model, images, tmp_path):
+    """A LoRA on proj_in besides to_q is saved in one key layout, so diffusers applies both kinds of layer."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+
+    config = base_config("sdxl", tiny_model("sdxl"), tmp_path, images,
+                         peft_lora_target_modules='["to_q", "proj_in"]')
+    train(config)
+    saved = load_file(str(tmp_path / "output" / "pytorch_lora_weights.safetensors"))
+    assert any(".proj_in." in key for key in saved) and any(".to_q." in key for key in saved)
+    pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_model("sdxl"))
+    pipeline.load_lora_weights(str(tmp_path / "output"))
+    wrapped = {name.rsplit(".", 1)[-1] for name, module in pipeline.unet.named_modules()
+               if isinstance(module, LoraLayer)}
+    assert wrapped == {"to_q", "proj_in"}
+    loaded_a = [module.lora_A["default_0"].weight for module in pipeline.unet.modules() if isinstance(module, LoraLayer)]
+    assert len(loaded_a) == sum(1 for key in saved if "lora_A" in key or "lora.down" in key)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_full_finetune_saves_a_loadable_pipeline(family, tiny_model, images, tmp_path):
     from simpletuner.models.registry import get_family
