@@ -24,7 +24,8 @@ def _sd_unet(cross_attention_dim: int, linear_projection: bool):
     )
 
 
-def _sdxl_unet(cross_attention_dim: int, pooled_dim: int):
+def sdxl_unet(cross_attention_dim: int, pooled_dim: int, **extra):
+    """The tiny SDXL UNet; ``extra`` adds UNet2DConditionModel arguments (Kolors projects its text first)."""
     from diffusers import UNet2DConditionModel
 
     time_embed_dim = 8
@@ -45,6 +46,7 @@ def _sdxl_unet(cross_attention_dim: int, pooled_dim: int):
         addition_time_embed_dim=time_embed_dim,
         # pooled text embedding + six size numbers, each given a sinusoidal embedding
         projection_class_embeddings_input_dim=pooled_dim + 6 * time_embed_dim,
+        **extra,
     )
 
 
@@ -104,7 +106,7 @@ def _build_sdxl():
         text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
-        unet=_sdxl_unet(cross_attention_dim=32 + 48, pooled_dim=48),
+        unet=sdxl_unet(cross_attention_dim=32 + 48, pooled_dim=48),
         scheduler=scheduler,
         force_zeros_for_empty_prompt=True,
     )
