@@ -57,7 +57,7 @@ def text_encoder_files(family, settings) -> list[ComponentFiles]:
 
 
 def vae_files(family, settings) -> list[ComponentFiles]:
-    if settings.pretrained_vae_model_name_or_path:
+    if settings.pretrained_vae_model_name_or_path or family.vae_class_name is None:  # None: pixel space, no VAE
         return []
     return [ComponentFiles("VAE", family.model_path(settings), "vae", settings.revision)]
 

@@ -75,8 +75,9 @@ class Trainer:
         self.data = prepare_data(self.settings, family=self.family, rank=self.accelerator.process_index,
                                  world_size=self.accelerator.num_processes, progress=self.accelerator.is_main_process)
         distributed.log_cache_work(self.data, self.accelerator.process_index)
-        if not self.settings.keep_vae_loaded and not self.data.needs_vae_for_batches:
-            self.components.vae.to("cpu")
+        vae = self.components.vae  # None for pixel-space families
+        if vae is not None and not self.settings.keep_vae_loaded and not self.data.needs_vae_for_batches:
+            vae.to("cpu")
         model_file_cleanup.delete_encoder_files(self)  # delete_model_after_load
         self.text_encoder_unloader = unloading.unload_after_caching(self)  # fully_unload_text_encoder
 
