@@ -47,8 +47,10 @@ class LossStep:
             noisy = noise.add_noise(self.scheduler, latents, model_noise, timesteps)
             target = losses.training_target(self.prediction_type, self.scheduler, latents, clean_noise, timesteps)
         prediction = self.family.predict(batch, noisy.to(self.weight_dtype), timesteps)
-        return losses.diffusion_loss(prediction.float(), target.float(), timesteps, self.scheduler, self.settings,
+        loss = losses.diffusion_loss(prediction.float(), target.float(), timesteps, self.scheduler, self.settings,
                                      self.prediction_type, mask=batch.loss_mask)
+        extra = self.family.auxiliary_loss()  # e.g. HiDream's router balance term
+        return loss if extra is None else loss + extra
 
     @staticmethod
     def _image_seq_len(latents: torch.Tensor) -> int:

@@ -29,6 +29,9 @@ class ScaledEcho:
     def prediction_type(self) -> str:
         return "flow_matching" if self.flow_matching else "epsilon"
 
+    def auxiliary_loss(self):
+        return None
+
     def predict(self, batch, noisy, timesteps):
         return noisy * 0.5 + timesteps.float().view(-1, 1, 1, 1) / 1000
 

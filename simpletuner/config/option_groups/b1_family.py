@@ -38,11 +38,12 @@ OPTIONS = [
         status=BUILT),
     # HiDream
     opt("hidream_use_load_balancing_loss", "bool", False,
-        "Add HiDream's mixture-of-experts router load-balancing term to the loss (experimental).",
-        status=PLANNED),
+        "Add HiDream's mixture-of-experts router load-balancing term to the loss (experimental): each expert "
+        "layer's Switch-style balance term (1.0 when tokens spread evenly), summed over the layers.",
+        status=BUILT),
     opt("hidream_load_balancing_loss_weight", "float", 0.01,
         "Multiplier for the HiDream load-balancing term; raise it (e.g. 0.1-0.2) for a stronger push "
-        "towards even expert use.", status=PLANNED),
+        "towards even expert use.", status=BUILT),
     # LTX Video
     opt("ltx_train_mode", "str", "i2v",
         "LTX Video training objective: plain text-to-video, or image-to-video where the first frame is "

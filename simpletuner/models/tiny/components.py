@@ -5,7 +5,8 @@ from __future__ import annotations
 from simpletuner.models.tiny.tokenizer import CLIP_MAX_LENGTH
 
 
-def clip_text_encoder(tokenizer, hidden: int, act: str, with_projection: bool, projection_dim: int = 32):
+def clip_text_encoder(tokenizer, hidden: int, act: str, with_projection: bool, projection_dim: int = 32,
+                      max_positions: int = CLIP_MAX_LENGTH):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
@@ -14,7 +15,7 @@ def clip_text_encoder(tokenizer, hidden: int, act: str, with_projection: bool, p
         intermediate_size=hidden * 2,
         num_hidden_layers=2,  # SDXL reads the penultimate hidden state
         num_attention_heads=4,
-        max_position_embeddings=CLIP_MAX_LENGTH,
+        max_position_embeddings=max_positions,
         hidden_act=act,
         projection_dim=projection_dim,
         bos_token_id=tokenizer.bos_token_id,
