@@ -37,7 +37,11 @@ class ModelFamily:
     default_prediction_type: ClassVar[str]  # epsilon | v_prediction | sample | flow_matching
     flow_matching: ClassVar[bool] = False
     denoiser_subfolder: ClassVar[str] = "unet"  # "unet" or "transformer"
-    vae_class_name: ClassVar[str] = "AutoencoderKL"  # the diffusers class of the VAE
+    # The diffusers class of the VAE; None for a pixel-space family (DeepFloyd IF): Components.vae is None,
+    # encode_images/decode_latents are the identity and the latent cache holds the images in [-1, 1].
+    vae_class_name: ClassVar[str | None] = "AutoencoderKL"
+    # Whether the pipeline's load_lora_weights reads lora_format=comfyui files (their ".alpha" keys).
+    diffusers_loads_comfyui_lora: ClassVar[bool] = True
     # Options that may name a .gguf denoiser file, which the family's loader reads (load_quantization.py).
     gguf_options: ClassVar[tuple[str, ...]] = ()
     default_lora_targets: ClassVar[tuple[str, ...]] = ()
@@ -130,6 +134,10 @@ class ModelFamily:
     def predict(self, batch: TrainingBatch, noisy_latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The denoiser's output for noisy latents at timesteps, conditioned on batch.text and micro-conditioning."""
         raise NotImplementedError
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """An extra term the latest ``predict`` adds to the training loss (e.g. a router balance term), or None."""
+        return None
 
     def control_kwargs(self, batch: TrainingBatch) -> dict:
         """The ControlNet input a batch carries, as the extra keyword of a ControlNet-wrapped denoiser.

@@ -81,6 +81,10 @@ CONTROLNET_KINDS: dict[str, ControlNetKind] = {
 UNSUPPORTED = {
     "auraflow": "diffusers has no AuraFlow ControlNet model or pipeline to build and load it with",
     "lumina2": "diffusers has no Lumina 2 ControlNet model or pipeline to build and load it with",
+    "hidream": "diffusers has no HiDream ControlNet model or pipeline to build and load it with",
+    "kolors": "diffusers has no Kolors ControlNet pipeline to render and load it with",
+    "deepfloyd": "diffusers has no DeepFloyd IF ControlNet model or pipeline to build and load it with",
+    "qwen_image": "Qwen-Image ControlNet training (diffusers' QwenImageControlNetModel) is not implemented yet",
 }
 
 

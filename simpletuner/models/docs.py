@@ -56,7 +56,8 @@ def _channel_control(name: str) -> str:
 
 def _adapter_lines(family) -> list[str]:
     if hasattr(family.pipeline_class, "load_lora_weights"):
-        return ['pipe.load_lora_weights("output/my-run")  # model_type=lora (PEFT LoRA or lora_format=comfyui)']
+        formats = "PEFT LoRA or lora_format=comfyui" if family.diffusers_loads_comfyui_lora else "PEFT LoRA"
+        return [f'pipe.load_lora_weights("output/my-run")  # model_type=lora ({formats})']
     return ["# This pipeline has no LoRA loader: train with lora_type=lycoris and apply the result with lycoris:",
             "from lycoris import create_lycoris_from_weights",
             f"network, _ = create_lycoris_from_weights(1.0, \"output/my-run/pytorch_lora_weights.safetensors\", "

@@ -27,6 +27,29 @@ from simpletuner.models.sd import LazyClass, UNetLatentFamily
 
 ATTENTION_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 PIXART_PROMPT_LENGTH = 300  # T5 tokens, as PixArt Sigma was trained
+class TransformerFamilyLoading:
+    """``load`` for a family made of ``transformer_class`` (load_transformer), a VAE and the text encoders its
+    ``_load_text_encoders(path, weight_dtype) -> (tokenizers, encoders)`` reads (PixArt, Sana, Lumina2,
+    Qwen-Image)."""
+
+    def load(self, device: torch.device, weight_dtype: torch.dtype) -> Components:
+        path = self.model_path(self.settings)
+        tokenizers, text_encoders = self._load_text_encoders(path, weight_dtype)
+        components = Components(
+            denoiser=load_transformer(self.settings, self.transformer_class, path, weight_dtype,
+                                      self._pretrained_kwargs(),
+                                      self.quantization_load_kwargs("transformer", weight_dtype)),
+            vae=self._load_vae(path),
+            text_encoders=text_encoders,
+            tokenizers=tokenizers,
+        )
+        self._finish_load(components, path, device)
+        return components
+
+    def load_text_encoders(self, weight_dtype: torch.dtype) -> list[torch.nn.Module]:
+        return self._load_text_encoders(self.model_path(self.settings), weight_dtype)[1]
+
+
 # PixArt Sigma has no resolution / aspect-ratio embedding; its pipeline passes these as None.
 SIGMA_ADDED_CONDITIONS = {"resolution": None, "aspect_ratio": None}
 
@@ -125,7 +148,7 @@ class PipelineTextEncoding:
 
 
 @register
-class PixArtSigma(PipelineTextEncoding, UNetLatentFamily):
+class PixArtSigma(TransformerFamilyLoading, PipelineTextEncoding, UNetLatentFamily):
     """PixArt Sigma: a 0.6B (or 0.9B) DiT on SDXL-VAE latents, conditioned on T5-XXL (300 tokens, with its
     attention mask), epsilon prediction on the DDPM noise schedule (v_prediction can be chosen), trained
     around 1024px. The transformer also predicts a variance (learned sigma); training uses the noise half.
@@ -145,6 +168,7 @@ class PixArtSigma(PipelineTextEncoding, UNetLatentFamily):
     denoiser_subfolder = "transformer"
     default_lora_targets = ATTENTION_LORA_TARGETS
     pipeline_class = LazyClass("diffusers", "PixArtSigmaPipeline")
+    transformer_class = LazyClass("diffusers", "PixArtTransformer2DModel")
     img2img_pipeline_class = None
     text_encoder_attributes = ("text_encoder",)
     supports_text_encoder_training = False
@@ -177,22 +201,6 @@ class PixArtSigma(PipelineTextEncoding, UNetLatentFamily):
         return problems
 
     # --- loading ---
-    def load(self, device: torch.device, weight_dtype: torch.dtype) -> Components:
-        from diffusers import PixArtTransformer2DModel
-
-        path = self.model_path(self.settings)
-        tokenizers, text_encoders = self._load_text_encoders(path, weight_dtype)
-        components = Components(
-            denoiser=load_transformer(self.settings, PixArtTransformer2DModel, path, weight_dtype,
-                                      self._pretrained_kwargs(),
-                                      self.quantization_load_kwargs("transformer", weight_dtype)),
-            vae=self._load_vae(path),
-            text_encoders=text_encoders,
-            tokenizers=tokenizers,
-        )
-        self._finish_load(components, path, device)
-        return components
-
     def _load_text_encoders(self, path: str, weight_dtype: torch.dtype) -> tuple[list, list]:
         """T5 from the base model, or from pretrained_t5_model_name_or_path.
 

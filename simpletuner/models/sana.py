@@ -26,7 +26,7 @@ from simpletuner.data.types import TrainingBatch
 from simpletuner.models.transformer_lora import save_transformer_lora
 from simpletuner.models.base import Components
 from simpletuner.models.pixart import (
-    ATTENTION_LORA_TARGETS, PipelineTextEncoding, alignment_problem, identity_digest, load_transformer,
+    ATTENTION_LORA_TARGETS, PipelineTextEncoding, TransformerFamilyLoading, alignment_problem, identity_digest,
     prompt_length_problem,
 )
 from simpletuner.models.registry import register
@@ -46,7 +46,7 @@ def gemma_subfolders(source: str) -> tuple[str, str]:
     return "", ""
 
 
-class GemmaFlowFamily(PipelineTextEncoding, UNetLatentFamily):
+class GemmaFlowFamily(TransformerFamilyLoading, PipelineTextEncoding, UNetLatentFamily):
     """Flow-matching transformer families conditioned on Gemma 2 (Sana, Lumina 2). Not registered itself."""
 
     default_prediction_type = "flow_matching"
@@ -82,24 +82,7 @@ class GemmaFlowFamily(PipelineTextEncoding, UNetLatentFamily):
         return problems
 
     # --- loading ---
-    def load(self, device: torch.device, weight_dtype: torch.dtype) -> Components:
-        path = self.model_path(self.settings)
-        tokenizer, encoder = self._load_gemma(path, weight_dtype)
-        components = Components(
-            denoiser=load_transformer(self.settings, self.transformer_class, path, weight_dtype,
-                                      self._pretrained_kwargs(),
-                                      self.quantization_load_kwargs("transformer", weight_dtype)),
-            vae=self._load_vae(path),
-            text_encoders=[encoder],
-            tokenizers=[tokenizer],
-        )
-        self._finish_load(components, path, device)
-        return components
-
-    def load_text_encoders(self, weight_dtype: torch.dtype) -> list[torch.nn.Module]:
-        return [self._load_gemma(self.model_path(self.settings), weight_dtype)[1]]
-
-    def _load_gemma(self, path: str, weight_dtype: torch.dtype) -> tuple[Any, Any]:
+    def _load_text_encoders(self, path: str, weight_dtype: torch.dtype) -> tuple[list, list]:
         from transformers import AutoTokenizer, Gemma2Model
 
         custom = self.settings.pretrained_gemma_model_name_or_path
@@ -108,12 +91,12 @@ class GemmaFlowFamily(PipelineTextEncoding, UNetLatentFamily):
             encoder_folder, tokenizer_folder = gemma_subfolders(custom)
             tokenizer = AutoTokenizer.from_pretrained(custom, subfolder=tokenizer_folder)
             encoder = Gemma2Model.from_pretrained(custom, subfolder=encoder_folder, dtype=weight_dtype, **quantization)
-            return tokenizer, encoder
+            return [tokenizer], [encoder]
         revision = {"revision": self.settings.revision} if self.settings.revision else {}
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **revision)
         encoder = Gemma2Model.from_pretrained(path, subfolder="text_encoder", dtype=weight_dtype,
                                               **self._pretrained_kwargs(), **quantization)
-        return tokenizer, encoder
+        return [tokenizer], [encoder]
 
     def _training_scheduler(self, scheduler_config: dict):
         """Training only reads num_train_timesteps; sigmas come from the flow_* options."""

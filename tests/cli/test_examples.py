@@ -7,6 +7,8 @@ import os
 
 import pytest
 
+from helpers.images import copy_sample_images
+
 from simpletuner.cli import main as cli_main
 from simpletuner.config.loader import EXAMPLES_DIR, example_names
 from simpletuner.models.tiny import SUPPORTED_FAMILIES
@@ -34,11 +36,13 @@ def _family_of(name: str) -> str:
 
 
 @pytest.mark.parametrize("name", example_names())
-def test_each_preset_passes_check_on_the_tiny_model(name, tiny_model, images, tmp_path, monkeypatch, capsys):
+def test_each_preset_passes_check_on_the_tiny_model(name, tiny_model, sample_images, tmp_path, monkeypatch, capsys):
     family = _family_of(name)
     if family not in SUPPORTED_FAMILIES:
         pytest.skip(f"no tiny {family} model to point the preset at")
     model = tiny_model(family)
+    # each preset gets its own copy: the bucket index saved beside the images records the preset's crop options
+    images = copy_sample_images(sample_images, tmp_path / "images")
     datasets = json.loads((EXAMPLES_DIR / name / "multidatabackend.json").read_text())
     for dataset in datasets:
         if dataset.get("dataset_type", "image") == "image":

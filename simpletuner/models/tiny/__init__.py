@@ -33,12 +33,16 @@ TINY_MODULES = {
     "sd1x": "simpletuner.models.tiny.unet_families",
     "sd2x": "simpletuner.models.tiny.unet_families",
     "sdxl": "simpletuner.models.tiny.unet_families",
+    "kolors": "simpletuner.models.tiny.kolors",
     "pixart_sigma": "simpletuner.models.tiny.pixart",
     "sana": "simpletuner.models.tiny.sana",
     "lumina2": "simpletuner.models.tiny.lumina2",
     "flux": "simpletuner.models.tiny.flux",
     "sd3": "simpletuner.models.tiny.sd3",
     "auraflow": "simpletuner.models.tiny.auraflow",
+    "deepfloyd": "simpletuner.models.tiny.deepfloyd",
+    "qwen_image": "simpletuner.models.tiny.qwen_image",
+    "hidream": "simpletuner.models.tiny.hidream",
 }
 SUPPORTED_FAMILIES = tuple(TINY_MODULES)
 
