@@ -101,6 +101,17 @@ class ModelFamily:
         """revision/variant for the parts read from the base model location."""
         return {key: getattr(self.settings, key) for key in ("revision", "variant") if getattr(self.settings, key)}
 
+    def _load_encoder_pair(self, path: str, tokenizer_class, encoder_class, weight_dtype: torch.dtype,
+                           encoder_subfolder: str = "text_encoder", tokenizer_subfolder: str = "tokenizer"):
+        """(tokenizer, text encoder) from the base model's folders, with revision/variant and the encoder's
+        load-time quantisation (quantize_via=pipeline)."""
+        revision = {"revision": self.settings.revision} if self.settings.revision else {}
+        tokenizer = tokenizer_class.from_pretrained(path, subfolder=tokenizer_subfolder, **revision)
+        encoder = encoder_class.from_pretrained(path, subfolder=encoder_subfolder, dtype=weight_dtype,
+                                                **self._pretrained_kwargs(),
+                                                **self.quantization_load_kwargs(encoder_subfolder, weight_dtype))
+        return tokenizer, encoder
+
     def _load_vae(self, source: str):
         """The VAE (class ``vae_class_name``) from pretrained_vae_model_name_or_path, else ``source``'s vae/."""
         import diffusers
@@ -155,6 +166,10 @@ class ModelFamily:
     def pipeline_call_arguments(self) -> dict:
         """Keyword arguments a pipeline call needs to encode prompts the way training did (e.g. text length)."""
         return {}
+
+    def rendered_image(self, result) -> Any:
+        """The PIL image a pipeline call (output_type="pil") rendered; video families return a frame of it."""
+        return result.images[0]
 
     def build_pipeline(self, denoiser: torch.nn.Module | None = None, **overrides):
         """A diffusers pipeline from loaded components (denoiser replaced when given)."""

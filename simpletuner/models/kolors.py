@@ -79,12 +79,7 @@ class Kolors(StableDiffusionXL):
     def _load_text_encoders(self, path: str, weight_dtype: torch.dtype) -> tuple[list, list]:
         from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
 
-        revision = {"revision": self.settings.revision} if self.settings.revision else {}
-        tokenizer = ChatGLMTokenizer.from_pretrained(path, subfolder="tokenizer", **revision)
-        encoder = ChatGLMModel.from_pretrained(
-            path, subfolder="text_encoder", dtype=weight_dtype, **self._pretrained_kwargs(),
-            **self.quantization_load_kwargs("text_encoder", weight_dtype),
-        )
+        tokenizer, encoder = self._load_encoder_pair(path, ChatGLMTokenizer, ChatGLMModel, weight_dtype)
         return [tokenizer], [encoder]
 
     # --- encoders ---

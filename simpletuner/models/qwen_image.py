@@ -108,11 +108,8 @@ class QwenImage(TransformerFamilyLoading, UNetLatentFamily):
     def _load_text_encoders(self, path: str, weight_dtype: torch.dtype) -> tuple[list, list]:
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-        revision = {"revision": self.settings.revision} if self.settings.revision else {}
-        tokenizer = Qwen2Tokenizer.from_pretrained(path, subfolder="tokenizer", **revision)
-        encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            path, subfolder="text_encoder", dtype=weight_dtype, **self._pretrained_kwargs(),
-            **self.quantization_load_kwargs("text_encoder", weight_dtype))
+        tokenizer, encoder = self._load_encoder_pair(path, Qwen2Tokenizer, Qwen2_5_VLForConditionalGeneration,
+                                                     weight_dtype)
         return [tokenizer], [encoder]
 
     def _training_scheduler(self, scheduler_config: dict):

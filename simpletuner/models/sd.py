@@ -129,12 +129,7 @@ class UNetLatentFamily(ModelFamily):
     def _load_text_encoders(self, path: str, weight_dtype: torch.dtype) -> tuple[list, list]:
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        revision = {"revision": self.settings.revision} if self.settings.revision else {}
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **revision)
-        encoder = CLIPTextModel.from_pretrained(
-            path, subfolder="text_encoder", dtype=weight_dtype, **self._pretrained_kwargs(),
-            **self.quantization_load_kwargs("text_encoder", weight_dtype),
-        )
+        tokenizer, encoder = self._load_encoder_pair(path, CLIPTokenizer, CLIPTextModel, weight_dtype)
         return [tokenizer], [encoder]
 
     def _load_unet(self, path: str, weight_dtype: torch.dtype):

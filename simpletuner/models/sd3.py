@@ -289,13 +289,11 @@ class StableDiffusion3(FlowTransformerFamily):
     def _load_text_encoders(self, path: str, weight_dtype: torch.dtype) -> tuple[list, list]:
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-        revision = {"revision": self.settings.revision} if self.settings.revision else {}
-        tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder=name, **revision)
-                      for name in ("tokenizer", "tokenizer_2")]
-        encoders = [CLIPTextModelWithProjection.from_pretrained(path, subfolder=name, dtype=weight_dtype,
-                                                                **self._pretrained_kwargs(),
-                                                                **self.quantization_load_kwargs(name, weight_dtype))
-                    for name in ("text_encoder", "text_encoder_2")]
+        clip_l, clip_g = (self._load_encoder_pair(path, CLIPTokenizer, CLIPTextModelWithProjection, weight_dtype,
+                                                  encoder_subfolder=f"text_encoder{suffix}",
+                                                  tokenizer_subfolder=f"tokenizer{suffix}")
+                          for suffix in ("", "_2"))
+        tokenizers, encoders = [clip_l[0], clip_g[0]], [clip_l[1], clip_g[1]]
         t5_tokenizer, t5_encoder = self._load_sd3_t5(path, weight_dtype)
         return tokenizers + [t5_tokenizer], encoders + [t5_encoder]
 

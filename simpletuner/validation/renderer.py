@@ -37,6 +37,7 @@ class _Sampler:
         steps = delayed_steps(settings, type(pipeline))
         self.delay = DelayedTrueCfg(steps) if steps else None
         self.denoiser_attribute = family.denoiser_subfolder
+        self.rendered_image = family.rendered_image  # picks the image out of the pipeline's output
 
     def run(self, prompt: str, inputs: dict, generator: torch.Generator, autocast) -> Image.Image:
         arguments = {**self.arguments, **{name: value for name, value in inputs.items() if name in self.accepted}}
@@ -46,7 +47,7 @@ class _Sampler:
             delayed = self.delay.installed(getattr(self.pipeline, self.denoiser_attribute))
         with torch.no_grad(), autocast(), delayed:
             result = self.pipeline(prompt=prompt, generator=generator, output_type="pil", **arguments)
-        return result.images[0]
+        return self.rendered_image(result)
 
 
 class Renderer:
