@@ -112,6 +112,22 @@ class ModelFamily:
                                                 **self.quantization_load_kwargs(encoder_subfolder, weight_dtype))
         return tokenizer, encoder
 
+    def _load_replaceable_t5(self, path: str, weight_dtype: torch.dtype):
+        """(tokenizer, T5 encoder) from pretrained_t5_model_name_or_path when set (laid out like the base model,
+        or a plain T5 folder), else from the base model's tokenizer/ and text_encoder/ folders."""
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        from simpletuner.models.locations import local_subfolder
+
+        custom = self.settings.pretrained_t5_model_name_or_path
+        if not custom:
+            return self._load_encoder_pair(path, AutoTokenizer, T5EncoderModel, weight_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(custom, subfolder=local_subfolder(custom, "tokenizer") or "")
+        encoder = T5EncoderModel.from_pretrained(custom, subfolder=local_subfolder(custom, "text_encoder") or "",
+                                                 dtype=weight_dtype,
+                                                 **self.quantization_load_kwargs("text_encoder", weight_dtype))
+        return tokenizer, encoder
+
     def _load_vae(self, source: str):
         """The VAE (class ``vae_class_name``) from pretrained_vae_model_name_or_path, else ``source``'s vae/."""
         import diffusers

@@ -28,7 +28,6 @@ from simpletuner.config.settings import Settings
 from simpletuner.data.types import TrainingBatch
 from simpletuner.models import deepfloyd_stage2 as stage2
 from simpletuner.models.base import Components
-from simpletuner.models.locations import local_subfolder
 from simpletuner.models.pixart import alignment_problem, identity_digest
 from simpletuner.models.registry import register
 from simpletuner.models.sd import LazyClass, UNetLatentFamily
@@ -148,43 +147,20 @@ class DeepFloydIF(UNetLatentFamily):
 
     def _load_text_encoders(self, path: str, weight_dtype: torch.dtype) -> tuple[list, list]:
         """T5 from the base model, or from pretrained_t5_model_name_or_path (IF-style or plain T5 folder)."""
-        from transformers import AutoTokenizer, T5EncoderModel
-
-        custom = self.settings.pretrained_t5_model_name_or_path
-        quantization = self.quantization_load_kwargs("text_encoder", weight_dtype)
-        if custom:
-            tokenizer = AutoTokenizer.from_pretrained(custom, subfolder=local_subfolder(custom, "tokenizer") or "")
-            encoder = T5EncoderModel.from_pretrained(custom, subfolder=local_subfolder(custom, "text_encoder") or "",
-                                                     dtype=weight_dtype, **quantization)
-            return [tokenizer], [encoder]
-        revision = {"revision": self.settings.revision} if self.settings.revision else {}
-        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **revision)
-        encoder = T5EncoderModel.from_pretrained(path, subfolder="text_encoder", dtype=weight_dtype,
-                                                 **self._pretrained_kwargs(), **quantization)
+        tokenizer, encoder = self._load_replaceable_t5(path, weight_dtype)
         return [tokenizer], [encoder]
 
     def _finish_load(self, components: Components, path: str, device: torch.device,
                      scheduler_config: dict | None = None) -> None:
-        """Schedulers (stage II: also the one that noises the upscaled input), frozen T5, device placement.
-
-        There is no VAE to place.
-        """
+        """The shared schedulers, freezing and placement (there is no VAE); stage II also gets the scheduler
+        that noises its upscaled input."""
         from diffusers import DDPMScheduler
 
-        revision = {"revision": self.settings.revision} if self.settings.revision else {}
-        if scheduler_config is None:
-            scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler", **revision)
-        components.noise_scheduler = self._training_scheduler(scheduler_config)
-        components.extras["inference_scheduler"] = self._inference_scheduler(scheduler_config)
+        super()._finish_load(components, path, device, scheduler_config)
         if self.is_stage_ii(self.settings):
+            revision = {"revision": self.settings.revision} if self.settings.revision else {}
             components.extras["image_noising_scheduler"] = DDPMScheduler.from_pretrained(
                 path, subfolder="image_noising_scheduler", **revision)
-        for encoder in components.text_encoders:
-            encoder.requires_grad_(False)
-            encoder.eval()
-            encoder.to(device)
-        components.denoiser.to(device)
-        self.components = components
 
     def _inference_scheduler(self, scheduler_config: dict):
         """The model's own scheduler (DDPM), with the fixed variance: see RENDER_VARIANCE_TYPE."""

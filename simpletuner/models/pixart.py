@@ -207,19 +207,7 @@ class PixArtSigma(TransformerFamilyLoading, PipelineTextEncoding, UNetLatentFami
         That source may be laid out like the base model (text_encoder/ and
         tokenizer/ folders) or, as a local folder, be a plain T5 checkpoint.
         """
-        from transformers import AutoTokenizer, T5EncoderModel
-
-        custom = self.settings.pretrained_t5_model_name_or_path
-        quantization = self.quantization_load_kwargs("text_encoder", weight_dtype)
-        if custom:
-            tokenizer = AutoTokenizer.from_pretrained(custom, subfolder=local_subfolder(custom, "tokenizer") or "")
-            encoder = T5EncoderModel.from_pretrained(custom, subfolder=local_subfolder(custom, "text_encoder") or "",
-                                                     dtype=weight_dtype, **quantization)
-            return [tokenizer], [encoder]
-        revision = {"revision": self.settings.revision} if self.settings.revision else {}
-        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **revision)
-        encoder = T5EncoderModel.from_pretrained(path, subfolder="text_encoder", dtype=weight_dtype,
-                                                 **self._pretrained_kwargs(), **quantization)
+        tokenizer, encoder = self._load_replaceable_t5(path, weight_dtype)
         return [tokenizer], [encoder]
 
     # --- training ---

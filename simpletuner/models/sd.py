@@ -159,8 +159,9 @@ class UNetLatentFamily(ModelFamily):
             scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler", **revision)
         components.noise_scheduler = self._training_scheduler(scheduler_config)
         components.extras["inference_scheduler"] = self._inference_scheduler(scheduler_config)
-        components.vae.requires_grad_(False)
-        components.vae.to(device)
+        if components.vae is not None:  # pixel-space families (DeepFloyd IF) have none
+            components.vae.requires_grad_(False)
+            components.vae.to(device)
         for encoder in components.text_encoders:
             encoder.requires_grad_(False)
             encoder.eval()
