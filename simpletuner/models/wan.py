@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from simpletuner.config.settings import Settings
 from simpletuner.data.types import TrainingBatch
 from simpletuner.models.registry import register
 from simpletuner.models.sana import GemmaFlowFamily
@@ -66,23 +65,11 @@ class Wan(GemmaFlowFamily):
     def text_identity(self) -> list:
         return [self.prompt_length()]
 
-    @classmethod
-    def check_settings(cls, settings: Settings) -> list[str]:
-        problems = super().check_settings(settings)
-        if settings.control:
-            problems.append("control is not supported for model_family=wan (WanPipeline takes no control "
-                            "image); set control to false")
-        return problems
-
     # --- loading ---
     def _load_text_encoders(self, path: str, weight_dtype: torch.dtype) -> tuple[list, list]:
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        revision = {"revision": self.settings.revision} if self.settings.revision else {}
-        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **revision)
-        encoder = UMT5EncoderModel.from_pretrained(path, subfolder="text_encoder", dtype=weight_dtype,
-                                                   **self._pretrained_kwargs(),
-                                                   **self.quantization_load_kwargs("text_encoder", weight_dtype))
+        tokenizer, encoder = self._load_encoder_pair(path, AutoTokenizer, UMT5EncoderModel, weight_dtype)
         return [tokenizer], [encoder]
 
     # --- encoders ---

@@ -43,7 +43,6 @@ TINY_MODULES = {
     "deepfloyd": "simpletuner.models.tiny.deepfloyd",
     "qwen_image": "simpletuner.models.tiny.qwen_image",
     "hidream": "simpletuner.models.tiny.hidream",
-    "omnigen": "simpletuner.models.tiny.omnigen",
     "wan": "simpletuner.models.tiny.wan",
     "ltxvideo": "simpletuner.models.tiny.ltxvideo",
 }
