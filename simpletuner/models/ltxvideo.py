@@ -14,7 +14,7 @@ import torch
 
 from simpletuner.config.settings import Settings
 from simpletuner.data.types import TrainingBatch
-from simpletuner.models.pixart import alignment_problem, identity_digest, prompt_length_problem
+from simpletuner.models.pixart import alignment_problem, prompt_length_problem
 from simpletuner.models.registry import register
 from simpletuner.models.sana import GemmaFlowFamily
 from simpletuner.models.sd import LazyClass, UNetLatentFamily
@@ -75,11 +75,6 @@ class LTXVideo(GemmaFlowFamily):
     # --- identity ---
     def text_identity(self) -> list:
         return [self.settings.pretrained_t5_model_name_or_path, self.prompt_length()]
-
-    def fingerprint(self) -> str:
-        s = self.settings
-        return identity_digest(self.name, [self.name, self.model_path(s), s.revision, s.variant,
-                                           s.pretrained_vae_model_name_or_path, *self.text_identity()])
 
     @classmethod
     def check_settings(cls, settings: Settings) -> list[str]:
