@@ -40,6 +40,8 @@ class ModelFamily:
     # The diffusers class of the VAE; None for a pixel-space family (DeepFloyd IF): Components.vae is None,
     # encode_images/decode_latents are the identity and the latent cache holds the images in [-1, 1].
     vae_class_name: ClassVar[str | None] = "AutoencoderKL"
+    # Latent pixels per side of one transformer token (2x2 patches for most; Sana and LTX-Video use 1x1).
+    latent_patch_size: ClassVar[int] = 2
     # Whether the pipeline's load_lora_weights reads lora_format=comfyui files (their ".alpha" keys).
     diffusers_loads_comfyui_lora: ClassVar[bool] = True
     # Options that may name a .gguf denoiser file, which the family's loader reads (load_quantization.py).
@@ -161,6 +163,11 @@ class ModelFamily:
     def predict(self, batch: TrainingBatch, noisy_latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The denoiser's output for noisy latents at timesteps, conditioned on batch.text and micro-conditioning."""
         raise NotImplementedError
+
+    def image_seq_len(self, latents: torch.Tensor) -> int:
+        """Image tokens the denoiser sees for ``latents`` (..., H, W): what flow_schedule_auto_shift scales by."""
+        patch = self.latent_patch_size
+        return (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
 
     def auxiliary_loss(self) -> torch.Tensor | None:
         """An extra term the latest ``predict`` adds to the training loss (e.g. a router balance term), or None."""

@@ -58,6 +58,7 @@ class LTXVideo(GemmaFlowFamily):
 
     name = "ltxvideo"
     vae_class_name = "AutoencoderKLLTXVideo"
+    latent_patch_size = 1  # one token per latent pixel of the (single) frame
     diffusers_loads_comfyui_lora = False  # LTXPipeline's loader rejects the ".alpha" keys; ComfyUI reads them
     flavours = {
         "0.9.5": "Lightricks/LTX-Video-0.9.5",
@@ -84,8 +85,9 @@ class LTXVideo(GemmaFlowFamily):
                             "set train_text_encoder to false")
         if settings.flow_schedule_auto_shift:
             problems.append("flow_schedule_auto_shift is not supported for model_family=ltxvideo: the trainer's "
-                            "resolution shift counts 2x2-patch tokens, LTX-Video uses 1x1 patches; set "
-                            "flow_schedule_auto_shift to false and choose flow_schedule_shift instead")
+                            "resolution shift uses Flux's constants (256..4096 tokens, shift exp(0.5)..exp(1.15)), "
+                            "not LTX-Video's (1024..4096, 0.95..2.05); set flow_schedule_auto_shift to false and "
+                            "choose flow_schedule_shift instead")
         problems += prompt_length_problem(settings, cls.name)
         problems += alignment_problem(settings, cls.name, cls.patch_pixels, cls.patch_pixels_reason)
         problems += validation_size_problem(settings, cls.patch_pixels)

@@ -165,6 +165,7 @@ class Sana(GemmaFlowFamily):
 
     name = "sana"
     vae_class_name = "AutoencoderDC"  # the 32x deep-compression autoencoder
+    latent_patch_size = 1  # one token per latent pixel
     flavours = {
         "sana1.0-1.6b-1024": "terminusresearch/sana-1.6b-1024px",
         "sana1.0-1.6b-1024-bf16": "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers",

@@ -33,7 +33,7 @@ class LossStep:
         clean_noise = noise.make_noise(drawn_for, self.settings, generator)
         if self.flow:
             sigmas = noise.sample_flow_sigmas(drawn_for.shape[0], self.settings, generator, latents.device,
-                                              image_seq_len=self._image_seq_len(latents))
+                                              image_seq_len=self.family.image_seq_len(latents))
             model_noise = noise.perturb_noise(clean_noise, self.settings, step, generator)
             clean_noise, model_noise, sigmas = shard.rows(clean_noise, model_noise, sigmas)
             timesteps = sigmas * self.num_train_timesteps
@@ -51,8 +51,3 @@ class LossStep:
                                      self.prediction_type, mask=batch.loss_mask)
         extra = self.family.auxiliary_loss()  # e.g. HiDream's router balance term
         return loss if extra is None else loss + extra
-
-    @staticmethod
-    def _image_seq_len(latents: torch.Tensor) -> int:
-        # Packed 2x2 patches, as the flow transformers use.
-        return (latents.shape[-1] // 2) * (latents.shape[-2] // 2)

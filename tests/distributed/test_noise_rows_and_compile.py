@@ -32,6 +32,9 @@ class ScaledEcho:
     def auxiliary_loss(self):
         return None
 
+    def image_seq_len(self, latents):
+        return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+
     def predict(self, batch, noisy, timesteps):
         return noisy * 0.5 + timesteps.float().view(-1, 1, 1, 1) / 1000
 

@@ -166,6 +166,16 @@ def test_auto_shift_follows_resolution():
         flow(settings)
 
 
+def test_auto_shift_counts_each_familys_own_tokens():
+    from simpletuner.config.settings import Settings
+    from simpletuner.models.registry import get_family
+
+    latents = torch.zeros(1, 4, 32, 48)
+    assert get_family("flux")(Settings({})).image_seq_len(latents) == 16 * 24  # 2x2 patches
+    assert get_family("sana")(Settings({})).image_seq_len(latents) == 32 * 48  # one token per latent pixel
+    assert get_family("ltxvideo")(Settings({})).image_seq_len(latents) == 32 * 48
+
+
 def test_fast_schedule_uses_only_its_sigmas():
     s = flow({"flux_fast_schedule": True, "flow_schedule_shift": 3.0}, n=400)
     values = {round(v, 4) for v in s.tolist()}
