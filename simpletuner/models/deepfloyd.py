@@ -28,7 +28,7 @@ from simpletuner.config.settings import Settings
 from simpletuner.data.types import TrainingBatch
 from simpletuner.models import deepfloyd_stage2 as stage2
 from simpletuner.models.base import Components
-from simpletuner.models.pixart import alignment_problem, identity_digest
+from simpletuner.models.pixart import alignment_problem, encode_with_pipeline, identity_digest
 from simpletuner.models.registry import register
 from simpletuner.models.sd import LazyClass, UNetLatentFamily
 
@@ -172,12 +172,7 @@ class DeepFloydIF(UNetLatentFamily):
     # --- encoders ---
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """prompt_embeds (B, 77, D): T5's last hidden states, as IFPipeline.encode_prompt computes them."""
-        components = self._loaded()
-        encoder = components.text_encoders[0]
-        text_only = self.pipeline_class(**self._pipeline_parts(None, text_only=True))
-        with torch.no_grad():
-            embeds, _ = text_only.encode_prompt(list(prompts), do_classifier_free_guidance=False,
-                                                device=encoder.device, clean_caption=False)
+        embeds, _ = encode_with_pipeline(self, prompts, clean_caption=False)
         return {"prompt_embeds": embeds}
 
     def encode_text_for_training(self, prompts: list[str]) -> dict[str, torch.Tensor]:

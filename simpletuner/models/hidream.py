@@ -110,13 +110,9 @@ class HiDream(FlowTransformerFamily):
 
     # --- loading ---
     def _load_text_encoders(self, path: str, weight_dtype: torch.dtype) -> tuple[list, list]:
-        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+        from transformers import T5EncoderModel, T5Tokenizer
 
-        clip_l, clip_g = (self._load_encoder_pair(path, CLIPTokenizer, CLIPTextModelWithProjection, weight_dtype,
-                                                  encoder_subfolder=f"text_encoder{suffix}",
-                                                  tokenizer_subfolder=f"tokenizer{suffix}")
-                          for suffix in ("", "_2"))
-        tokenizers, encoders = [clip_l[0], clip_g[0]], [clip_l[1], clip_g[1]]
+        tokenizers, encoders = self._load_clip_pair(path, weight_dtype)
         t5_tokenizer, t5 = self._load_t5(path, T5EncoderModel, T5Tokenizer, "text_encoder_3", "tokenizer_3",
                                          weight_dtype)
         llama_tokenizer, llama = self._load_llama(path, weight_dtype)

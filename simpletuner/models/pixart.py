@@ -99,6 +99,16 @@ def identity_digest(name: str, identity: list) -> str:
     return f"{name}-{digest[:16]}"
 
 
+def encode_with_pipeline(family, prompts: list[str], **arguments):
+    """What ``family``'s pipeline ``encode_prompt`` returns for ``prompts`` (no guidance), run on a text-only
+    pipeline (``_pipeline_parts(None, text_only=True)``) on the text encoder's device."""
+    encoder = family._loaded().text_encoders[0]
+    text_only = family.pipeline_class(**family._pipeline_parts(None, text_only=True))
+    with torch.no_grad():
+        return text_only.encode_prompt(list(prompts), do_classifier_free_guidance=False, device=encoder.device,
+                                       **arguments)
+
+
 class PipelineTextEncoding:
     """Mixin: encode prompts with the family pipeline's own ``encode_prompt``.
 
@@ -126,14 +136,8 @@ class PipelineTextEncoding:
 
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """prompt_embeds (B, L, D) and prompt_attention_mask (B, L), L = the prompt length."""
-        components = self._loaded()
-        encoder = components.text_encoders[0]
-        text_only = self.pipeline_class(**self._pipeline_parts(None, text_only=True))
-        with torch.no_grad():
-            embeds, mask, _, _ = text_only.encode_prompt(
-                list(prompts), do_classifier_free_guidance=False, device=encoder.device,
-                max_sequence_length=self.prompt_length(), **self.encode_prompt_arguments(),
-            )
+        embeds, mask, _, _ = encode_with_pipeline(self, prompts, max_sequence_length=self.prompt_length(),
+                                                  **self.encode_prompt_arguments())
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
     def _pipeline_parts(self, denoiser: torch.nn.Module | None, text_only: bool = False) -> dict[str, Any]:

@@ -141,6 +141,16 @@ class FlowTransformerFamily(UNetLatentFamily):
             path, subfolder=subfolder, torch_dtype=weight_dtype, **self._pretrained_kwargs(), **quantization
         )
 
+    def _load_clip_pair(self, path: str, weight_dtype: torch.dtype) -> tuple[list, list]:
+        """CLIP-L and CLIP-G with projection (text_encoder/, text_encoder_2/) and their tokenizers."""
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        clip_l, clip_g = (self._load_encoder_pair(path, CLIPTokenizer, CLIPTextModelWithProjection, weight_dtype,
+                                                  encoder_subfolder=f"text_encoder{suffix}",
+                                                  tokenizer_subfolder=f"tokenizer{suffix}")
+                          for suffix in ("", "_2"))
+        return [clip_l[0], clip_g[0]], [clip_l[1], clip_g[1]]
+
     def _load_t5(self, path: str, encoder_class, tokenizer_class, encoder_subfolder: str,
                  tokenizer_subfolder: str, weight_dtype: torch.dtype) -> tuple[Any, Any]:
         """(tokenizer, encoder) from the base model, or from pretrained_t5_model_name_or_path.
@@ -287,13 +297,7 @@ class StableDiffusion3(FlowTransformerFamily):
         return self._load_t5(path, T5EncoderModel, T5TokenizerFast, "text_encoder_3", "tokenizer_3", weight_dtype)
 
     def _load_text_encoders(self, path: str, weight_dtype: torch.dtype) -> tuple[list, list]:
-        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-
-        clip_l, clip_g = (self._load_encoder_pair(path, CLIPTokenizer, CLIPTextModelWithProjection, weight_dtype,
-                                                  encoder_subfolder=f"text_encoder{suffix}",
-                                                  tokenizer_subfolder=f"tokenizer{suffix}")
-                          for suffix in ("", "_2"))
-        tokenizers, encoders = [clip_l[0], clip_g[0]], [clip_l[1], clip_g[1]]
+        tokenizers, encoders = self._load_clip_pair(path, weight_dtype)
         t5_tokenizer, t5_encoder = self._load_sd3_t5(path, weight_dtype)
         return tokenizers + [t5_tokenizer], encoders + [t5_encoder]
 

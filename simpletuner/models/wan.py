@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from simpletuner.data.types import TrainingBatch
+from simpletuner.models.pixart import encode_with_pipeline
 from simpletuner.models.registry import register
 from simpletuner.models.sana import GemmaFlowFamily
 from simpletuner.models.sd import LazyClass
@@ -75,12 +76,7 @@ class Wan(GemmaFlowFamily):
     # --- encoders ---
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """prompt_embeds (B, L, D): UMT5's output up to each prompt's end, zeros after, L = the prompt length."""
-        components = self._loaded()
-        encoder = components.text_encoders[0]
-        text_only = self.pipeline_class(**self._pipeline_parts(None, text_only=True))
-        with torch.no_grad():
-            embeds, _ = text_only.encode_prompt(list(prompts), do_classifier_free_guidance=False,
-                                                device=encoder.device, max_sequence_length=self.prompt_length())
+        embeds, _ = encode_with_pipeline(self, prompts, max_sequence_length=self.prompt_length())
         return {"prompt_embeds": embeds}
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
